@@ -1,0 +1,200 @@
+"""The `rlhf` command line. Importing this module must not import torch.
+
+Each training command resolves the recipe here (cheap, no torch), prepares the output
+directory, then either trains in this process or launches workers (`launcher.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from .errors import EXIT_USER_ERROR, UserError
+
+app = typer.Typer(
+    name="rlhf",
+    help="SFT, reward models, DPO and PPO with LoRA adapters for Hugging Face causal LMs.\n\n"
+         "Quick start (no download needed): rlhf sft --recipe recipes/tiny-sft.yaml",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="YAML recipe file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a recipe key: `--set train.lr=1e-4` "
+                 "(repeatable; the value is YAML, `null` clears an optional key)."),
+]
+OutOpt = Annotated[str | None, typer.Option("--output-dir", "-o", help="Run directory.")]
+DryOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe, the launch "
+                                      "command and the first example; train nothing.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete "
+                                         "checkpoint in the output directory.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in the "
+                                            "output directory.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for user errors.")]
+
+
+def _debug_wanted(flag: bool) -> bool:
+    return flag or os.environ.get("RLHF_DEBUG", "") not in ("", "0")
+
+
+def _fail(exc: UserError, debug: bool) -> None:
+    if debug:
+        raise exc
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(EXIT_USER_ERROR)
+
+
+def _train(stage: str, recipe: Path, overrides: list[str] | None, output_dir: str | None,
+           dry_run: bool, resume: bool, overwrite: bool, debug: bool) -> None:
+    from . import config, launcher
+
+    debug = _debug_wanted(debug)
+    try:
+        resolved = config.load_recipe(recipe, overrides or [], stage=stage, output_dir=output_dir)
+        if resume and overwrite:
+            raise UserError("--resume and --overwrite contradict each other; pick one")
+        if dry_run:
+            from .dry_run import show_dry_run
+
+            show_dry_run(resolved)
+            return
+        from .preflight import preflight
+        from .engine.run_dir import RECIPE, prepare_run_dir, write_atomic
+
+        preflight(resolved)
+        run_dir = prepare_run_dir(resolved.output_dir, resume=resume, overwrite=overwrite)
+        recipe_file = run_dir / RECIPE
+        if not resume or not recipe_file.is_file():
+            write_atomic(recipe_file, config.dump_recipe(resolved))
+        argv = launcher.worker_argv(resolved.launch, str(recipe_file), resume=resume)
+        os.environ["RLHF_COMMAND"] = shlex.join(["rlhf", *sys.argv[1:]])
+        if launcher.needs_launcher(resolved.launch):
+            typer.echo(f"launching: {launcher.format_argv(argv)}", err=True)
+            code = launcher.run(argv)
+        else:
+            from .worker import run_worker
+
+            code = run_worker(str(recipe_file), resume=resume, debug=debug)
+    except UserError as exc:
+        _fail(exc, debug)
+    if code:
+        raise typer.Exit(code)
+
+
+def _stage_command(stage: str, summary: str, example: str):
+    def command(recipe: RecipeOpt, set_: SetOpt = None, output_dir: OutOpt = None,
+                dry_run: DryOpt = False, resume: ResumeOpt = False,
+                overwrite: OverwriteOpt = False, debug: DebugOpt = False) -> None:
+        _train(stage, recipe, set_, output_dir, dry_run, resume, overwrite, debug)
+
+    command.__doc__ = f"{summary}\n\nExample:\n\n    {example}"
+    return command
+
+
+app.command("sft")(_stage_command(
+    "sft", "Supervised fine-tuning (full or LoRA) on prompt/response or chat data.",
+    "rlhf sft --recipe recipes/tiny-sft.yaml --set train.max_steps=50"))
+app.command("rm")(_stage_command(
+    "rm", "Train a reward model (LoRA + scalar head) on preference pairs.",
+    "rlhf rm --recipe recipes/tiny-rm.yaml"))
+app.command("dpo")(_stage_command(
+    "dpo", "Direct preference optimisation and its family (IPO, hinge, SimPO, ORPO...).",
+    "rlhf dpo --recipe recipes/tiny-dpo.yaml --set dpo.beta=0.2"))
+app.command("ppo")(_stage_command(
+    "ppo", "PPO with actor, critic, reference and reward on one base as LoRA adapters.",
+    "rlhf ppo --recipe recipes/llama2-7b-1base-1lora.yaml"))
+
+
+@app.command("merge-lora")
+def merge_lora(
+    source: Annotated[str, typer.Argument(help="A run directory or a PEFT adapter directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the merged model.")],
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Merge a LoRA adapter into its base: a standalone model plain transformers loads.
+
+    Example:
+
+        rlhf merge-lora runs/tiny-sft --out runs/tiny-sft-merged
+    """
+    debug = _debug_wanted(debug)
+    try:
+        from .stages.merge_lora import merge_lora as run_merge
+
+        run_merge(source, out, overwrite=overwrite)
+    except UserError as exc:
+        _fail(exc, debug)
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Option("--model", help="A run or model directory.")],
+    data: Annotated[str, typer.Option("--data", help="Held-out preference data.")],
+    reward_model: Annotated[str | None, typer.Option("--reward-model")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Report JSON file.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Score held-out preference data with a reward model or a policy.
+
+    Example:
+
+        rlhf eval --model runs/tiny-rm --data builtin:sort:eval --out report.json
+    """
+    _fail(UserError("`rlhf eval` is not implemented yet (planned with the preference stages)"),
+          _debug_wanted(debug))
+
+
+@app.command("preview")
+def preview(
+    recipe: RecipeOpt,
+    set_: SetOpt = None,
+    n: Annotated[int, typer.Option("--n", help="How many examples.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per example.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show the first training examples exactly as the model will see them.
+
+    Example:
+
+        rlhf preview --recipe recipes/tiny-sft.yaml --n 2 --json
+    """
+    from . import config
+
+    debug = _debug_wanted(debug)
+    try:
+        resolved = config.load_recipe(recipe, set_ or [])
+        from .dry_run import show_preview
+
+        show_preview(resolved, n=n, as_json=as_json)
+    except UserError as exc:
+        _fail(exc, debug)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: click usage errors become one `error:` line, exit 2."""
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        typer.echo(f"error: {exc.format_message()}", err=True)
+        return EXIT_USER_ERROR
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

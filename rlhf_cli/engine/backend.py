@@ -1,0 +1,135 @@
+"""Where the training loop meets the distributed runtime.
+
+The loop only talks to a `Backend`: prepare, backward, optimizer step, save/load of the
+model + optimizer state, and a few collectives. `AccelerateBackend` covers one process,
+DDP on CPU (gloo) or GPUs, and mixed precision; `DeepSpeedBackend` (deepspeed_backend.py)
+drives `deepspeed.initialize` directly, because accelerate's DeepSpeed plugin did not see
+two ranks on CPU machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..schema import Recipe
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Cloned copies of every trainable tensor (clones: a state_dict shares storage)."""
+    return {
+        name: param.detach().to("cpu", copy=True).contiguous()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    unknown = [n for n in state if n not in params]
+    if missing or unknown:
+        raise RuntimeError(f"checkpoint does not match the model: missing={missing[:3]} "
+                           f"unknown={unknown[:3]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
+class Backend:
+    """The interface the loop uses; see AccelerateBackend for the meaning of each call."""
+
+    world_size: int = 1
+    rank: int = 0
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+        return value
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def broadcast_object(self, obj):
+        if self.world_size == 1:
+            return obj
+        holder = [obj]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+
+class AccelerateBackend(Backend):
+    def __init__(self, recipe: Recipe):
+        from accelerate import Accelerator
+
+        launch = recipe.launch
+        cpu = launch.cpu or not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=launch.mixed_precision)
+        self.world_size = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.device = self.accelerator.device
+        self.max_grad_norm = recipe.train.max_grad_norm
+
+    def prepare(self, model, optimizer):
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        return self.model
+
+    def unwrap(self, model=None):
+        return self.accelerator.unwrap_model(model if model is not None else self.model)
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def accumulating(self, more_to_come: bool):
+        """Skip the gradient all-reduce on every micro-batch but the last of a step."""
+        if more_to_come and self.world_size > 1:
+            return self.accelerator.no_sync(self.model)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def optimizer_step(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def full_state_dict(self, model) -> dict:
+        """The whole model's state dict on the main process (for `final/`)."""
+        return self.unwrap(model).state_dict()
+
+    def save_state(self, directory: Path) -> None:
+        """Model (trainable weights) and optimizer; called on every rank."""
+        if self.is_main:
+            save_file(trainable_state(self.unwrap()), str(directory / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load_state(self, directory: Path) -> None:
+        load_trainable_state(self.unwrap(), load_file(str(directory / "trainable.safetensors")))
+        state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state)
+
+
+def make_backend(recipe: Recipe) -> Backend:
+    if recipe.launch.deepspeed:
+        from .deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(recipe)
+    return AccelerateBackend(recipe)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))

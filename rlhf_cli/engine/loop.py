@@ -1,0 +1,199 @@
+"""The one training loop shared by SFT, RM and DPO.
+
+A stage supplies a `StageTask`: examples, a collate function, a loss that returns a SUM
+over the batch, and the batch's weight (tokens for SFT, pairs for RM/DPO). The loop
+divides by the weight of the whole global batch (all micro-batches, all processes), so
+gradient accumulation and data parallelism give the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..schema import Recipe
+from .batching import GlobalBatches
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .metrics import MetricsLogger, MetricWindow
+from .optim import build_optimizer, build_scheduler
+from .progress import TrainingProgress
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class StageTask:
+    model: torch.nn.Module
+    train_examples: list
+    collate: Callable[[list], dict]
+    batch_weight: Callable[[dict], float]
+    loss_fn: LossFn  # (model, batch) -> (summed loss, summed metrics)
+    eval_examples: list | None = None
+    # Extra evaluation on the unwrapped model, e.g. generation scored by a reward function.
+    evaluate_extra: Callable[[torch.nn.Module], dict] | None = None
+    save_final: Callable[[torch.nn.Module, Path], None] | None = None
+    title: str = "train"
+    weight_name: str = "tokens"  # what batch_weight counts, for the throughput metric
+    extra_params: list = field(default_factory=list)
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, task: StageTask, backend, run_dir: Path):
+        self.recipe, self.task, self.backend = recipe, task, backend
+        self.run_dir = Path(run_dir)
+        train = recipe.train
+        self.batches = GlobalBatches(
+            len(task.train_examples), train.batch_size, train.grad_accum,
+            backend.world_size, backend.rank, train.seed,
+        )
+        self.total_steps = self.batches.total_steps(train.epochs, train.max_steps)
+        optimizer = build_optimizer(task.model.parameters(), train)
+        self.model = backend.prepare(task.model, optimizer)
+        self.scheduler = build_scheduler(backend.optimizer, train, self.total_steps)
+        self.window = MetricWindow()
+        self.logger = MetricsLogger(self.run_dir, backend.is_main, train.report_to)
+        self.start_step = 0
+        self.tokens_seen = 0.0
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> None:
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is None:
+            return
+        state = load_checkpoint(self.backend, checkpoint, self.scheduler)
+        self.start_step = state["step"]
+        self.tokens_seen = state.get("tokens_seen", 0.0)
+        self.window.load(state.get("window", {}))
+        self.logger.truncate_after(self.start_step)
+        if self.backend.is_main:
+            from .progress import console
+
+            console.print(f"resuming from {checkpoint} (step {self.start_step})")
+
+    # ------------------------------------------------------------------- steps
+    def _global_sum(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.backend.device)
+        return self.backend.all_reduce_sum(tensor).tolist()
+
+    def train_step(self, step: int) -> dict[str, float]:
+        task, backend = self.task, self.backend
+        micro = [task.collate([task.train_examples[i] for i in idx])
+                 for idx in self.batches.micro_batches(step)]
+        local_weight = sum(float(task.batch_weight(b)) for b in micro)
+        (global_weight,) = self._global_sum([local_weight])
+        self.model.train()
+        loss_sum, metric_sums = 0.0, {}
+        for i, batch in enumerate(micro):
+            with backend.accumulating(i < len(micro) - 1), backend.autocast():
+                loss, metrics = task.loss_fn(self.model, _to_device(batch, backend.device))
+                # DDP/DeepSpeed average gradients over ranks; scale so the result is the
+                # sum over the global batch divided by its weight.
+                backend.backward(loss * backend.world_size / global_weight)
+            loss_sum += float(loss.detach())
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+        grad_norm = backend.optimizer_step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        keys = sorted(metric_sums)
+        totals = self._global_sum([loss_sum] + [metric_sums[k] for k in keys])
+        row = {"loss": totals[0] / global_weight, "lr": lr, "grad_norm": grad_norm}
+        row.update({k: v / global_weight for k, v in zip(keys, totals[1:], strict=True)})
+        row["_weight"] = global_weight
+        return row
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        task, backend = self.task, self.backend
+        row: dict = {}
+        if task.eval_examples:
+            self.model.eval()
+            size = self.recipe.train.eval_batch_size or self.recipe.train.batch_size
+            shard = task.eval_examples[backend.rank::backend.world_size]
+            loss_sum, weight, metric_sums = 0.0, 0.0, {}
+            for start in range(0, len(shard), size):
+                batch = task.collate(shard[start:start + size])
+                with backend.autocast():
+                    loss, metrics = task.loss_fn(self.model, _to_device(batch, backend.device))
+                loss_sum += float(loss)
+                weight += float(task.batch_weight(batch))
+                for key, value in metrics.items():
+                    metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+            keys = sorted(metric_sums)
+            totals = self._global_sum([loss_sum, weight] + [metric_sums[k] for k in keys])
+            row["loss"] = totals[0] / max(totals[1], 1.0)
+            row.update({k: v / max(totals[1], 1.0) for k, v in zip(keys, totals[2:], strict=True)})
+        if task.evaluate_extra is not None:
+            row.update(task.evaluate_extra(backend.unwrap(self.model)))
+        if row:
+            row = {"step": step, "split": "eval", **row}
+            self.logger.log(row)
+        return row
+
+    # -------------------------------------------------------------------- run
+    def _log(self, step: int, progress: TrainingProgress, started: float, start_step: int):
+        means = self.window.means()
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        row = {"step": step, "epoch": round(self.batches.epoch_of(step), 4), **means,
+               f"{self.task.weight_name}_per_sec": self._tokens_since_start / elapsed}
+        self.logger.log(row)
+        self.window.reset()
+        rate = f"{self.task.weight_name}_per_sec"
+        shown = {k: row[k] for k in ("loss", "lr", "grad_norm", rate) if k in row}
+        progress.update(step, shown)
+        progress.log_line(f"step {step}/{self.total_steps}  " + "  ".join(
+            f"{k}={v:.4g}" for k, v in shown.items()))
+        self._check_finite(row)
+
+    def _check_finite(self, row: dict) -> None:
+        loss = row.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise UserError(
+                f"training diverged: loss is {loss} at step {row['step']}; lower train.lr "
+                "or check the data; the last good checkpoint is kept"
+            )
+
+    def run(self) -> dict:
+        train = self.recipe.train
+        is_main = self.backend.is_main
+        progress = TrainingProgress(self.total_steps, self.start_step, is_main, self.task.title)
+        started, self._tokens_since_start = time.perf_counter(), 0.0
+        last_eval: dict = {}
+        try:
+            if self.start_step == 0 and (train.eval_every or self.task.evaluate_extra):
+                last_eval = self.evaluate(0)
+            for step in range(self.start_step, self.total_steps):
+                row = self.train_step(step)
+                weight = row.pop("_weight")
+                self._tokens_since_start += weight
+                self.window.add(row)
+                done = step + 1
+                progress.update(done)
+                if done % train.log_every == 0 or done == self.total_steps:
+                    self._log(done, progress, started, self.start_step)
+                if train.eval_every and done % train.eval_every == 0 and done < self.total_steps:
+                    last_eval = self.evaluate(done)
+                if train.save_every and done % train.save_every == 0 and done < self.total_steps:
+                    self.save(done)
+            if train.eval_every or self.task.evaluate_extra:
+                last_eval = self.evaluate(self.total_steps)
+        finally:
+            progress.close()
+            self.logger.close()
+        return last_eval
+
+    def save(self, step: int) -> Path:
+        state = {"tokens_seen": self.tokens_seen, "window": self.window.state(),
+                 "world_size": self.backend.world_size}
+        return save_checkpoint(self.backend, self.run_dir, step, state, self.scheduler,
+                               self.recipe.train.keep_checkpoints)

@@ -1,0 +1,55 @@
+"""Token log-probs of selected positions without materialising the full logits tensor.
+
+A causal LM's head turns every position's hidden state into a vocabulary-sized row; for
+SFT with prompt masking and for DPO only response tokens matter. We run the decoder
+through the wrapper's forward (so DDP/DeepSpeed see it) and apply the output head only
+to the positions that carry loss: with a 32k vocabulary this saves most of the logits
+memory and compute.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def inner_causal_lm(model):
+    """The transformers model under peft's wrappers (LoRA layers stay injected)."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def supports_partial_head(lm) -> bool:
+    """The fast path is exact only when logits = lm_head(last hidden state)."""
+    config = lm.config
+    has_scaling = any(
+        getattr(config, name, None) not in (None, 1.0)
+        for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+    )
+    return not has_scaling and lm.get_output_embeddings() is not None and hasattr(lm, "model")
+
+
+def shifted_targets(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position t predicts token t+1. Returns (targets, mask), both [B, T-1]."""
+    targets = labels[:, 1:]
+    return targets, targets != -100
+
+
+def selected_logits(model, input_ids, attention_mask, mask) -> torch.Tensor:
+    """Logits [N, V] of the positions where `mask` ([B, T-1]) is true, in order."""
+    lm = inner_causal_lm(model)
+    if supports_partial_head(lm):
+        hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask,
+                          use_cache=False).last_hidden_state
+        return lm.get_output_embeddings()(hidden[:, :-1][mask])
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return logits[:, :-1][mask]
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
+    """log p(target) per row of `logits` [N, V]; float32 for a stable log-softmax."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -F.cross_entropy(logits, targets, reduction="none")

@@ -1,0 +1,120 @@
+"""Loading bases and tokenizers, and putting LoRA adapters on them."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from ..schema import LoraSection, ModelSection
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_base(spec: str) -> str:
+    """`builtin:tiny` -> its materialised directory; anything else unchanged."""
+    from ..builtin.model import resolve_builtin
+
+    path = resolve_builtin(spec)
+    return str(path) if path is not None else spec
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[name]
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load tokenizer from {source}: {_first_line(exc)}") from None
+    set_pad_token(tokenizer)
+    return tokenizer
+
+
+def set_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token without resizing the model's embeddings.
+
+    Prefer its own pad, then `unk` (LLaMA and LLaMA 2 ship no pad but have `<unk>`), and
+    only then EOS. Our collators build attention and label masks explicitly and never
+    from pad-id equality, so even pad == EOS cannot mask the real EOS.
+    """
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        tokenizer.pad_token = tokenizer.unk_token
+    elif tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    else:
+        raise UserError("the tokenizer has neither a pad, an unk nor an EOS token")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_causal_lm(section: ModelSection, source: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    source = source or resolve_base(section.base)
+    kwargs = {"dtype": torch_dtype(section.dtype), "trust_remote_code": section.trust_remote_code}
+    if section.attn_implementation:
+        kwargs["attn_implementation"] = section.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model {section.base}: {_first_line(exc)}") from None
+    if section.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    # Non-reentrant checkpointing works with frozen inputs (LoRA) without the
+    # enable_input_require_grads hack, and with DDP without find_unused_parameters.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def lora_config(section: LoraSection, task_type: str = "CAUSAL_LM", modules_to_save=None):
+    from peft import LoraConfig
+
+    targets = section.target_modules
+    if targets == "auto":
+        targets = "all-linear"
+    elif isinstance(targets, str) and targets != "all-linear":
+        targets = [targets]  # peft reads a bare string as a regex over full module names
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=targets,
+        bias=section.bias,
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+
+
+def add_lora(model, section: LoraSection, task_type: str = "CAUSAL_LM", modules_to_save=None):
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(section, task_type, modules_to_save))
+    except ValueError as exc:
+        raise UserError(f"model.lora.target_modules: {_first_line(exc)}") from None
+
+
+def is_quantized(config) -> bool:
+    return getattr(config, "quantization_config", None) is not None
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,110 @@
+"""`rlhf merge-lora`: adapter + base -> one standalone Hugging Face model directory.
+
+The result loads with plain transformers (no peft, no rlhf). Before reporting success we
+check that the merged model's logits equal the adapter model's on a sample.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..engine.progress import console
+from ..engine.run_dir import FINAL
+from ..errors import UserError
+
+# Merging changes the order of floating-point operations; fp32 stays well inside this.
+LOGITS_ATOL = 1e-3
+
+
+def find_adapter_dir(source: str) -> Path:
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"not found: {source}")
+    for candidate in (path, path / FINAL):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    if (path / FINAL / "config.json").is_file() or (path / "config.json").is_file():
+        raise UserError(f"{source} holds a full model, not a LoRA adapter: nothing to merge "
+                        "(it already loads with transformers as it is)")
+    raise UserError(f"{source} is neither a run directory with final/ nor a PEFT adapter "
+                    "directory (no adapter_config.json)")
+
+
+def _auto_class(task_type: str | None):
+    import transformers
+
+    if task_type == "SEQ_CLS":
+        return transformers.AutoModelForSequenceClassification
+    return transformers.AutoModelForCausalLM
+
+
+def _load_base(adapter_config: dict):
+    from transformers import AutoConfig
+
+    base = adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise UserError("adapter_config.json does not name its base model")
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except OSError as exc:
+        raise UserError(f"cannot load the adapter's base {base}: {str(exc).splitlines()[0]}") from None
+    if getattr(config, "quantization_config", None) is not None:
+        raise UserError(f"the base {base} is quantised; merging into quantised weights loses "
+                        "precision: merge into the unquantised base instead")
+    auto = _auto_class(adapter_config.get("task_type"))
+    kwargs = {"dtype": torch.float32}
+    if adapter_config.get("task_type") == "SEQ_CLS":
+        kwargs["num_labels"] = 1
+    return base, auto.from_pretrained(base, **kwargs)
+
+
+def _sample_input(tokenizer, model) -> dict:
+    text = "The quick brown fox jumps over the lazy dog. sort dcba ="
+    ids = tokenizer(text, return_tensors="pt") if tokenizer is not None else None
+    if ids is None:
+        vocab = model.config.vocab_size
+        return {"input_ids": torch.arange(1, 17).remainder(vocab).unsqueeze(0)}
+    return {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}
+
+
+def _output_of(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits.float()
+
+
+def merge_lora(source: str, out: Path, *, overwrite: bool = False) -> Path:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    adapter_dir = find_adapter_dir(source)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} exists and is not empty: pass --overwrite or choose another --out")
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base_name, base = _load_base(adapter_config)
+    tokenizer = None
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
+    peft_model.eval()
+    inputs = _sample_input(tokenizer, base)
+    expected = _output_of(peft_model, inputs)
+    merged = peft_model.merge_and_unload()
+    got = _output_of(merged, inputs)
+    diff = float((expected - got).abs().max())
+    if diff > LOGITS_ATOL:
+        raise RuntimeError(f"merged model differs from the adapter model (max |Δlogit| {diff:.2e})")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    console.print(f"merged {adapter_dir} into {base_name} -> {out} "
+                  f"(max |Δlogit| vs adapter {diff:.1e})", highlight=False)
+    return out

@@ -1,0 +1,115 @@
+"""Recipe schema: typing, defaults, overrides, suggestions, cross-field checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_cli.config import dump_recipe, load_recipe, load_resolved, parse_override
+from rlhf_cli.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "stage: sft\ndata:\n  train: builtin:sort\n"
+
+
+def test_defaults_fill_missing_keys(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL))
+    assert recipe.train.lr == 2e-4 and recipe.model.lora.r == 16
+    assert recipe.output_dir == str(Path("runs") / "r")
+
+
+def test_override_is_typed_by_schema(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    recipe = load_recipe(path, ["train.max_steps=20", "train.lr=1e-4", "dpo.beta=0.2"])
+    assert recipe.train.max_steps == 20 and isinstance(recipe.train.max_steps, int)
+    # YAML 1.1 reads 1e-4 as a string; the schema makes it a float
+    assert recipe.train.lr == pytest.approx(1e-4) and isinstance(recipe.train.lr, float)
+    assert recipe.dpo.beta == 0.2
+
+
+def test_null_clears_optional_section(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL), ["model.lora=null"])
+    assert recipe.model.lora is None
+
+
+def test_unknown_key_suggests(tmp_path):
+    path = write(tmp_path, MINIMAL + "dpo:\n  betta: 0.1\n")
+    with pytest.raises(UserError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert "unknown key `dpo.betta`" in message and "did you mean `beta`" in message
+    assert f"{path}:5" in message
+
+
+def test_wrong_type_names_line(tmp_path):
+    path = write(tmp_path, MINIMAL + "train:\n  batch_size: eight\n")
+    with pytest.raises(UserError, match=r"r\.yaml:5: train\.batch_size.*expected int"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("train.lr=-1", r"train\.lr.*must be > 0"),
+    ("train.batch_size=0", r"train\.batch_size.*must be >= 1"),
+    ("model.dtype=fp64", r"model\.dtype.*not one of"),
+    ("data.max_prompt_length=600", r"max_prompt_length.*smaller than data\.max_length"),
+    ("train.eval_every=10", r"needs evaluation data"),
+    ("nosuch=1", r"unknown key `nosuch`"),
+    ("train=3", r"expected a mapping"),
+])
+def test_invalid_values(tmp_path, override, pattern):
+    with pytest.raises(UserError, match=pattern):
+        load_recipe(write(tmp_path, MINIMAL), [override])
+
+
+def test_override_where_is_the_flag(tmp_path):
+    with pytest.raises(UserError, match=r"--set train\.lr"):
+        load_recipe(write(tmp_path, MINIMAL), ["train.lr=abc"])
+
+
+def test_broken_yaml_names_line(tmp_path):
+    path = write(tmp_path, "stage: sft\ndata:\n  train: [unclosed\n")
+    with pytest.raises(UserError, match=r"invalid YAML"):
+        load_recipe(path)
+
+
+def test_recipe_for_other_stage(tmp_path):
+    path = write(tmp_path, "stage: dpo\ndata:\n  train: builtin:sort\n")
+    with pytest.raises(UserError, match=r"for stage `dpo`.*rlhf dpo"):
+        load_recipe(path, stage="sft")
+
+
+def test_missing_recipe(tmp_path):
+    with pytest.raises(UserError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_parse_override_forms():
+    assert parse_override("a.b=null") == ("a.b", None)
+    assert parse_override("a=[x, y]") == ("a", ["x", "y"])
+    with pytest.raises(UserError):
+        parse_override("novalue")
+
+
+def test_round_trip_through_dump(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL), ["train.max_steps=7"])
+    out = tmp_path / "resolved.yaml"
+    out.write_text(dump_recipe(recipe))
+    assert load_resolved(out) == recipe
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes name DeepSpeed configs relative to the repository
+    stage = yaml.safe_load(path.read_text())["stage"]
+    recipe = load_recipe(path, stage=stage)
+    assert recipe.stage == stage
