@@ -68,8 +68,8 @@ def _train(stage: str, recipe: Path, overrides: list[str] | None, output_dir: st
 
             show_dry_run(resolved)
             return
-        from .preflight import preflight
         from .engine.run_dir import RECIPE, prepare_run_dir, write_atomic
+        from .preflight import preflight
 
         preflight(resolved)
         run_dir = prepare_run_dir(resolved.output_dir, resume=resume, overwrite=overwrite)

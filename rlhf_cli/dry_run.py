@@ -51,4 +51,4 @@ def show_preview(recipe: Recipe, n: int, as_json: bool) -> None:
         for item in preview_sft(examples, tokenizer, n):
             sys.stdout.write(json.dumps(item) + "\n")
         return
-    out.print(render_preview_rich(examples[:n], tokenizer))
+    out.print(render_preview_rich(examples, tokenizer, n))

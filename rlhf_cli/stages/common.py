@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from ..engine.progress import console
-from ..models.loading import add_lora, count_parameters, load_causal_lm, load_tokenizer, resolve_base
+from ..models.loading import (
+    add_lora,
+    count_parameters,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_base,
+)
 from ..schema import Recipe
 
 

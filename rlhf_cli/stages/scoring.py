@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..data.sft import to_conversation
 from ..data.prompts import prompt_ids_for_generation
+from ..data.sft import to_conversation
 from ..data.sources import load_source
 from ..rewards import load_reward_fn
 from ..schema import Recipe
