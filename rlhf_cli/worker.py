@@ -27,6 +27,9 @@ def stage_runner(stage: str):
 
 
 def _train(recipe_file: str, resume: bool) -> None:
+    from .quiet import quiet_libraries
+
+    quiet_libraries()
     from transformers import set_seed
 
     from .config import load_resolved
