@@ -130,6 +130,9 @@ def merge_lora(
     """
     debug = _debug_wanted(debug)
     try:
+        from .quiet import quiet_libraries
+
+        quiet_libraries()
         from .stages.merge_lora import merge_lora as run_merge
 
         run_merge(source, out, overwrite=overwrite)

@@ -106,5 +106,5 @@ def merge_lora(source: str, out: Path, *, overwrite: bool = False) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     console.print(f"merged {adapter_dir} into {base_name} -> {out} "
-                  f"(max |Δlogit| vs adapter {diff:.1e})", highlight=False)
+                  f"(max |Δlogit| vs adapter {diff:.1e})", highlight=False, soft_wrap=True)
     return out
