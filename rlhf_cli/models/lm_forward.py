@@ -27,7 +27,13 @@ def supports_partial_head(lm) -> bool:
         getattr(config, name, None) not in (None, 1.0)
         for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
     )
-    return not has_scaling and lm.get_output_embeddings() is not None and hasattr(lm, "model")
+    return (not has_scaling and lm.get_output_embeddings() is not None
+            and hasattr(lm, lm.base_model_prefix))
+
+
+def decoder_of(lm):
+    """The transformer body (LLaMA: `model`, GPT-2: `transformer`)."""
+    return getattr(lm, lm.base_model_prefix)
 
 
 def shifted_targets(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,8 +46,8 @@ def selected_logits(model, input_ids, attention_mask, mask) -> torch.Tensor:
     """Logits [N, V] of the positions where `mask` ([B, T-1]) is true, in order."""
     lm = inner_causal_lm(model)
     if supports_partial_head(lm):
-        hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask,
-                          use_cache=False).last_hidden_state
+        hidden = decoder_of(lm)(input_ids=input_ids, attention_mask=attention_mask,
+                                use_cache=False).last_hidden_state
         return lm.get_output_embeddings()(hidden[:, :-1][mask])
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return logits[:, :-1][mask]
@@ -53,3 +59,17 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     if temperature != 1.0:
         logits = logits / temperature
     return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def sequence_logprobs(model, input_ids, attention_mask, labels, temperature: float = 1.0):
+    """Summed log-probs of the labelled tokens of each row, and how many there are.
+
+    Returns (logps [B], counts [B]); only labelled positions go through the output head.
+    """
+    targets, mask = shifted_targets(input_ids, labels)
+    logits = selected_logits(model, input_ids, attention_mask, mask)
+    per_token = token_logprobs(logits, targets[mask], temperature)
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(input_ids.shape[0], dtype=per_token.dtype, device=per_token.device)
+    sums = sums.index_add(0, rows, per_token)
+    return sums, mask.sum(dim=1)

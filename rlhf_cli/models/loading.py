@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..errors import UserError
@@ -11,11 +13,23 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_base(spec: str) -> str:
-    """`builtin:tiny` -> its materialised directory; anything else unchanged."""
+    """`builtin:tiny` -> its materialised directory; a run directory -> its `final/`.
+
+    A LoRA run cannot be a base as it is: an adapter trained on top of it would name the
+    original base and silently lose the first adapter. It must be merged first.
+    """
     from ..builtin.model import resolve_builtin
 
-    path = resolve_builtin(spec)
-    return str(path) if path is not None else spec
+    builtin = resolve_builtin(spec)
+    if builtin is not None:
+        return str(builtin)
+    path = Path(spec).expanduser()
+    if (path / "final").is_dir():
+        path = path / "final"
+    if (path / "adapter_config.json").is_file():
+        raise UserError(f"{spec} is a LoRA adapter, not a model: merge it first with "
+                        f"`rlhf merge-lora {spec} --out DIR` and use DIR as the base")
+    return str(path) if path.exists() else spec
 
 
 def torch_dtype(name: str) -> torch.dtype:
