@@ -6,6 +6,12 @@ accelerate (DDP) or DeepSpeed itself. torchrun is the default because on CPU-onl
 machines `accelerate launch --cpu --num_processes 2` starts a single process, while
 torchrun gives two gloo ranks; on GPUs both work. `launch.launcher: accelerate` uses
 `accelerate launch` for users who want its config handling.
+
+A user error inside a worker (bad data, say) must still end `rlhf` with status 2 and one
+`error:` line, but torchrun turns any failed worker into exit 1 and a ChildFailedError
+traceback. So workers write the message to the file named by $RLHF_ERROR_FILE, the parent
+prints it, and `run` starts torchrun through `torchrun_main` below: torchrun itself, except
+that a failed worker is reported in one line instead of its traceback.
 """
 
 from __future__ import annotations
@@ -14,10 +20,17 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
+from .errors import EXIT_USER_ERROR
 from .schema import LaunchSection
 
 WORKER_MODULE = "rlhf_cli.worker"
+TORCHRUN_MODULE = "torch.distributed.run"
+LAUNCHER_MODULE = "rlhf_cli.launcher"  # torchrun_main below
+# Where a worker writes a user error's message for the parent to print (first rank wins).
+ERROR_FILE_ENV = "RLHF_ERROR_FILE"
 
 
 def needs_launcher(launch: LaunchSection) -> bool:
@@ -31,7 +44,7 @@ def needs_launcher(launch: LaunchSection) -> bool:
 
 
 def _torchrun_argv(launch: LaunchSection) -> list[str]:
-    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.num_processes}"]
+    argv = [sys.executable, "-m", TORCHRUN_MODULE, f"--nproc_per_node={launch.num_processes}"]
     if launch.num_machines > 1:
         argv += [
             f"--nnodes={launch.num_machines}",
@@ -81,12 +94,19 @@ def format_argv(argv: list[str]) -> str:
 
 
 def run(argv: list[str]) -> int:
-    """Run the workers and pass their exit status through."""
+    """Run the workers; 2 with one `error:` line when a worker hit a user error."""
     env = dict(os.environ)
-    # Workers print their own `error:` line; keep their output unbuffered and in order.
+    # Workers print their own progress; keep their output unbuffered and in order.
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, _nproc(argv)))))
-    return subprocess.call(argv, env=env)
+    with tempfile.TemporaryDirectory(prefix="rlhf-launch-") as tmp:
+        error_file = Path(tmp) / "user_error"
+        env[ERROR_FILE_ENV] = str(error_file)
+        code = subprocess.call(_through_quiet_torchrun(argv), env=env)
+        if error_file.is_file():
+            print(f"error: {error_file.read_text(encoding='utf-8').strip()}", file=sys.stderr)
+            return EXIT_USER_ERROR
+    return code
 
 
 def _nproc(argv: list[str]) -> int:
@@ -94,3 +114,54 @@ def _nproc(argv: list[str]) -> int:
         if arg.startswith("--nproc_per_node="):
             return int(arg.split("=", 1)[1])
     return 1
+
+
+def _through_quiet_torchrun(argv: list[str]) -> list[str]:
+    """`python -m torch.distributed.run ARGS` -> `python -m rlhf_cli.launcher ARGS`."""
+    if argv[1:3] == ["-m", TORCHRUN_MODULE]:
+        return [argv[0], "-m", LAUNCHER_MODULE, *argv[3:]]
+    return argv
+
+
+def torchrun_main(args: list[str]) -> int:
+    """torchrun with readable failures: the worker's own output says what went wrong."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    _quiet_elastic_logging()
+    try:
+        torchrun.run(torchrun.parse_args(args))
+    except ChildFailedError as exc:
+        return _report_failure(exc)
+    except SignalException as exc:  # Ctrl-C or a kill of the launcher: workers are stopped
+        print(f"rlhf: stopped by {exc.sigval.name}", file=sys.stderr)
+        return 128 + int(exc.sigval)
+    return 0
+
+
+def _quiet_elastic_logging() -> None:
+    """torchrun logs every failed worker and every SIGTERM it sends to the others;
+    `_report_failure` says it once. Rendezvous and agent messages stay."""
+    import logging
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic.multiprocessing"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _report_failure(exc) -> int:
+    failures = exc.failures.values()
+    if any(f.exitcode == EXIT_USER_ERROR for f in failures):
+        return EXIT_USER_ERROR  # the worker wrote the message; the parent prints it
+    rank, failure = exc.get_first_failure()
+    if failure.exitcode < 0:
+        how = f"was killed by {failure.signal_name()} (out of memory?)"
+    else:
+        how = f"failed with exit status {failure.exitcode}; its traceback is above"
+    print(f"rlhf: worker rank {rank} {how}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun_main(sys.argv[1:]))

@@ -13,9 +13,12 @@ import sys
 from pathlib import Path
 
 from .errors import EXIT_USER_ERROR, UserError
+from .launcher import ERROR_FILE_ENV
 
 STAGE_RUNNERS = {
     "sft": "rlhf_cli.stages.sft:run_sft",
+    "rm": "rlhf_cli.stages.rm:run_rm",
+    "dpo": "rlhf_cli.stages.dpo:run_dpo",
 }
 
 
@@ -50,15 +53,32 @@ def _train(recipe_file: str, resume: bool) -> None:
         finish_run_info(run_dir, summary=summary or {})
 
 
+def report_user_error(message: str) -> None:
+    """One `error:` line however many ranks fail.
+
+    Under `launcher.run` the message goes to the file it names and the parent prints it
+    (torchrun's own exit status would say 1); a rank that finds the file already written
+    leaves it. Started any other way, rank 0 prints it.
+    """
+    error_file = os.environ.get(ERROR_FILE_ENV)
+    if error_file:
+        try:
+            with open(error_file, "x", encoding="utf-8") as handle:
+                handle.write(message)
+        except FileExistsError:
+            pass
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr)
+
+
 def run_worker(recipe_file: str, *, resume: bool, debug: bool) -> int:
     try:
         _train(recipe_file, resume)
     except UserError as exc:
         if debug:
             raise
-        rank = int(os.environ.get("RANK", "0"))
-        if rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
+        report_user_error(str(exc))
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -3,6 +3,9 @@
 Everything is written under `checkpoints/.tmp-step-N/` and renamed when complete, so a
 kill at any moment leaves only complete `step-*` directories; a leftover `.tmp-*` is
 ignored and cleaned up by the next save.
+
+torch and numpy are imported where state is saved or loaded: the CLI lists checkpoints
+(`--resume` checks) before deciding to train, and a user error there should not wait for torch.
 """
 
 from __future__ import annotations
@@ -11,9 +14,6 @@ import json
 import random
 import shutil
 from pathlib import Path
-
-import numpy as np
-import torch
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -43,6 +43,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def rng_state() -> dict:
+    import torch
+
     state = {
         "python": random.getstate(),
         "numpy": _numpy_state(),
@@ -54,11 +56,16 @@ def rng_state() -> dict:
 
 
 def _numpy_state() -> list:
+    import numpy as np
+
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return [kind, keys.tolist(), pos, has_gauss, cached]
 
 
 def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -71,6 +78,8 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(backend, run_dir: Path, step: int, trainer_state: dict, scheduler,
                     keep: int) -> Path:
     """Collective: every rank calls it. Returns the final directory."""
+    import torch
+
     root = Path(run_dir) / CHECKPOINTS
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
     if backend.is_main:
@@ -102,6 +111,8 @@ def _prune(root: Path, keep: int) -> None:
 
 def load_checkpoint(backend, directory: Path, scheduler) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; returns the trainer state."""
+    import torch
+
     backend.load_state(directory)
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
     rng_file = directory / f"rng-rank{backend.rank}.pt"

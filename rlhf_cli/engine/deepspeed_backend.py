@@ -2,27 +2,45 @@
 
 Accelerate's DeepSpeed plugin saw a world of one on CPU machines, so we drive DeepSpeed
 directly; on CPUs DeepSpeed picks its CPU accelerator and gloo. The recipe fills the
-config's "auto" values (micro-batch, accumulation, clipping, precision).
+config's "auto" values (micro-batch, accumulation, clipping, precision, optimizer).
+
+The recipe owns the optimizer and the schedule: the loop's AdamW (engine/optim.py) is
+handed to DeepSpeed as a client optimizer, and the loop's LambdaLR sets its learning rate
+before every step. Only ZeRO-Offload needs DeepSpeed's own optimizer (it refuses a client
+one there), so an offloading config gets an "optimizer" section built from the same
+recipe values, and the schedule then drives that optimizer's param groups.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from ..schema import Recipe
+from ..schema import Recipe, TrainSection
 from .backend import Backend, local_rank
 
 TAG = "deepspeed"
+WHERE = "launch.deepspeed"
 
 
 def _fill_auto(config: dict, key: str, value) -> None:
-    if config.get(key, "auto") == "auto":
+    """Resolve an "auto" (or missing) value; an explicit one must agree with the recipe.
+
+    The recipe is the one source of these numbers: the loop counts micro-batches and
+    accumulation itself, so a config that disagreed would make DeepSpeed step the
+    optimizer at the wrong micro-batch (or clip differently from what run.json says).
+    """
+    current = config.get(key, "auto")
+    if current == "auto":
         config[key] = value
+    elif current != value:
+        raise UserError(f'"{key}" is {current} in the DeepSpeed config but the recipe gives '
+                        f'{value}; set it to "auto" to take the recipe\'s value', where=WHERE)
 
 
 def _precision(config: dict, section: str, enabled: bool) -> None:
@@ -31,13 +49,60 @@ def _precision(config: dict, section: str, enabled: bool) -> None:
         block["enabled"] = enabled
 
 
-def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
+def _all_auto(section: dict) -> bool:
+    params = section.get("params", {})
+    return all(value == "auto" for value in params.values())
+
+
+def _drop_auto_scheduler(config: dict) -> None:
+    """The schedule is the recipe's (train.schedule); an all-"auto" one means just that."""
+    scheduler = config.get("scheduler")
+    if scheduler is None:
+        return
+    if not _all_auto(scheduler):
+        raise UserError('the DeepSpeed config has a "scheduler"; the learning-rate schedule '
+                        "comes from the recipe (train.schedule, train.warmup_steps): remove it",
+                        where=WHERE)
+    del config["scheduler"]
+
+
+def _drop_auto_zero_sizes(config: dict) -> None:
+    """HF-style configs say "auto" for ZeRO bucket sizes (transformers' Trainer derives them
+    from the hidden size); DeepSpeed rejects the word, and its own defaults serve."""
+    zero = config.get("zero_optimization", {})
+    for key in [k for k, v in zero.items() if v == "auto"]:
+        del zero[key]
+
+
+def offloads_optimizer(config: dict) -> bool:
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
+def _fill_optimizer(config: dict, train: TrainSection, on_cpu: bool) -> None:
+    """A config "optimizer" section (AdamW from the recipe unless the user wrote one)."""
+    section = config.setdefault("optimizer", {"type": "AdamW"})
+    params = section.setdefault("params", {})
+    adam = section.get("type", "").lower() in ("adam", "adamw")
+    recipe_values = {"lr": train.lr, "betas": [train.adam_beta1, train.adam_beta2],
+                     "eps": train.adam_eps, "weight_decay": train.weight_decay}
+    for key, value in recipe_values.items():
+        # Another optimizer type may take no `eps` or `betas`: fill only what it asks for.
+        if params.get(key) == "auto" or (adam and key not in params):
+            params[key] = value
+    if on_cpu and adam:
+        # DeepSpeed's default Adam on a CPU is its compiled CPU-Adam op (a C++ build at
+        # start-up); torch's AdamW needs no build and computes the same update.
+        params.setdefault("torch_adam", True)
+
+
+def deepspeed_config(recipe: Recipe, world_size: int, on_cpu: bool = True) -> dict:
     """The user's JSON with every "auto" resolved from the recipe (pure)."""
     path = Path(recipe.launch.deepspeed)
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read DeepSpeed config: {exc}", where="launch.deepspeed") from None
+        raise UserError(f"cannot read DeepSpeed config: {exc}", where=WHERE) from None
     train = recipe.train
     _fill_auto(config, "train_micro_batch_size_per_gpu", train.batch_size)
     _fill_auto(config, "gradient_accumulation_steps", train.grad_accum)
@@ -45,11 +110,46 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
     _fill_auto(config, "train_batch_size", train.batch_size * train.grad_accum * world_size)
     _precision(config, "bf16", recipe.launch.mixed_precision == "bf16")
     _precision(config, "fp16", recipe.launch.mixed_precision == "fp16")
+    _drop_auto_scheduler(config)
+    _drop_auto_zero_sizes(config)
+    if "optimizer" in config or offloads_optimizer(config):
+        _fill_optimizer(config, train, on_cpu)
     return config
 
 
 def zero_stage(config: dict) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _single_process_env() -> None:
+    """Let `deepspeed.init_distributed` start a world of one without torchrun.
+
+    Without these variables DeepSpeed falls back to MPI discovery (and mpi4py).
+    """
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        os.environ.setdefault(key, value)
+
+
+def _skip_shm_comm_build() -> None:
+    """Do not JIT-compile DeepSpeed's shared-memory all-reduce op on CPU machines.
+
+    It only serves DeepSpeed's inference all-reduce (tensor-parallel inference); training
+    collectives go through gloo. Building it costs a C++ compile (~1.5 min) on the first
+    run of every fresh machine and needs a compiler, for nothing.
+    """
+    import importlib
+
+    # Not `import deepspeed.comm.torch as m`: that name resolves to the torch package,
+    # which deepspeed.comm imports under the same attribute name.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 class DeepSpeedBackend(Backend):
@@ -58,16 +158,18 @@ class DeepSpeedBackend(Backend):
         import torch.distributed as dist
         from deepspeed.accelerator import get_accelerator
 
+        name = get_accelerator().device_name()
+        if name == "cpu":
+            _skip_shm_comm_build()
+        _single_process_env()
         deepspeed.init_distributed()
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
-        accelerator = get_accelerator()
-        name = accelerator.device_name()
         self.device = torch.device(name if name == "cpu" else f"{name}:{local_rank()}")
-        self.config = deepspeed_config(recipe, self.world_size)
+        self.config = deepspeed_config(recipe, self.world_size, on_cpu=name == "cpu")
         self.stage = zero_stage(self.config)
         if self.stage == 3:
             # Held alive so that from_pretrained loads weights already partitioned
-            # (a 70B model never sits whole in one process).
+            # (a 70B model never sits whole in one process) and generate() syncs ranks.
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_deepspeed = HfDeepSpeedConfig(self.config)
@@ -75,11 +177,19 @@ class DeepSpeedBackend(Backend):
     def prepare(self, model, optimizer):
         import deepspeed
 
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=self.config
-        )
-        # The schedule drives the client optimizer's param groups, which ZeRO steps.
-        self.optimizer = optimizer
+        if "optimizer" in self.config:
+            # DeepSpeed builds the optimizer from the config; keep the loop's param
+            # groups (no weight decay on biases and norms).
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+                      for g in optimizer.param_groups]
+            self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
+                                                   config=self.config)
+        else:
+            self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=self.config)
+        # The schedule sets the learning rate on the basic optimizer's param groups, which
+        # the ZeRO wrapper reads at every step (the client optimizer when we passed one).
+        self.optimizer = self.engine.basic_optimizer
         self.model = self.engine
         return self.engine
 
@@ -95,7 +205,8 @@ class DeepSpeedBackend(Backend):
     def backward(self, loss: torch.Tensor) -> None:
         # The loop already divides by the global batch weight: no extra 1/accumulation.
         self.engine.backward(loss, scale_wrt_gas=False)
-        # Steps the optimizer only on the accumulation boundary (counted by DeepSpeed).
+        # Steps the optimizer only on the accumulation boundary (counted by DeepSpeed,
+        # which is why the config's accumulation must equal train.grad_accum).
         self.engine.step()
 
     def optimizer_step(self) -> float:
@@ -103,14 +214,17 @@ class DeepSpeedBackend(Backend):
         return float(norm) if norm is not None else float("nan")
 
     def full_state_dict(self, model) -> dict:
+        """Whole-model weights on rank 0 (ZeRO-3 gathers them layer by layer; collective)."""
         if self.stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict() or {}
         return self.engine.module.state_dict()
 
     def save_state(self, directory: Path) -> None:
+        # Collective: each rank writes its own optimizer (and ZeRO-3 weight) partition.
         self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
 
     def load_state(self, directory: Path) -> None:
+        # The loop restores its LambdaLR itself (scheduler.pt); DeepSpeed has none.
         path, _ = self.engine.load_checkpoint(str(directory), tag=TAG,
                                               load_lr_scheduler_states=False)
         if path is None:

@@ -113,7 +113,7 @@ class Trainer:
         return row
 
     @torch.no_grad()
-    def evaluate(self, step: int) -> dict:
+    def evaluate(self, step: int, log: bool = True) -> dict:
         task, backend = self.task, self.backend
         row: dict = {}
         if task.eval_examples:
@@ -137,7 +137,8 @@ class Trainer:
             row.update(task.evaluate_extra(backend.unwrap(self.model)))
         if row:
             row = {"step": step, "split": "eval", **row}
-            self.logger.log(row)
+            if log:
+                self.logger.log(row)
         return row
 
     # -------------------------------------------------------------------- run

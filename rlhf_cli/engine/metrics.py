@@ -42,6 +42,14 @@ def _clean(value):
     return value
 
 
+def _parse(line: str) -> dict | None:
+    """A row, or None for a blank line or the partial last line of a killed run."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
 class MetricsLogger:
     """Appends one JSON object per logged step; only the main process writes."""
 
@@ -68,7 +76,7 @@ class MetricsLogger:
         if not self.enabled or not self.path.is_file():
             return
         kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+                if (row := _parse(line)) is not None and row.get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, row: dict) -> None:

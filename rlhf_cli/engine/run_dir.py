@@ -50,6 +50,21 @@ def prepare_run_dir(output_dir: str, *, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
+def discard_untrained_run(run_dir: Path, *, remove_dir: bool) -> None:
+    """Remove what a run wrote before it trained anything (recipe.yaml, run.json).
+
+    Only when it has no checkpoint, no metrics and no final/: those are work to protect.
+    The directory itself goes only when this run created it and it is now empty.
+    """
+    run_dir = Path(run_dir)
+    if any((run_dir / m).exists() for m in _MARKERS if m != RECIPE):
+        return
+    for name in (RECIPE, RUN_INFO):
+        (run_dir / name).unlink(missing_ok=True)
+    if remove_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
 def _version(name: str) -> str | None:
     try:
         return metadata.version(name)
