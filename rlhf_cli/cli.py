@@ -66,25 +66,42 @@ def _train(stage: str, recipe: Path, overrides: list[str] | None, output_dir: st
         if dry_run:
             from .dry_run import show_dry_run
 
-            show_dry_run(resolved)
+            show_dry_run(resolved, resume=resume)
             return
-        from .engine.run_dir import RECIPE, prepare_run_dir, write_atomic
+        from .engine.run_dir import RECIPE, discard_untrained_run, prepare_run_dir, write_atomic
         from .preflight import preflight
 
         preflight(resolved)
+        created = not Path(resolved.output_dir).exists()
         run_dir = prepare_run_dir(resolved.output_dir, resume=resume, overwrite=overwrite)
         recipe_file = run_dir / RECIPE
-        if not resume or not recipe_file.is_file():
-            write_atomic(recipe_file, config.dump_recipe(resolved))
-        argv = launcher.worker_argv(resolved.launch, str(recipe_file), resume=resume)
-        os.environ["RLHF_COMMAND"] = shlex.join(["rlhf", *sys.argv[1:]])
-        if launcher.needs_launcher(resolved.launch):
-            typer.echo(f"launching: {launcher.format_argv(argv)}", err=True)
-            code = launcher.run(argv)
-        else:
-            from .worker import run_worker
+        if resume and recipe_file.is_file():
+            # The run continues as its recipe.yaml says; a changed key would silently not
+            # apply (and would make the resumed run differ from an uninterrupted one).
+            changed = config.changed_keys(config.load_resolved(recipe_file), resolved)
+            if changed:
+                raise UserError(f"--resume continues the run recorded in {recipe_file}, but "
+                                f"this command changes {', '.join(changed)}: drop the changes, "
+                                "or start a new run in another --output-dir")
+        code = None
+        try:
+            if not resume or not recipe_file.is_file():
+                write_atomic(recipe_file, config.dump_recipe(resolved))
+            argv = launcher.worker_argv(resolved.launch, str(recipe_file), resume=resume)
+            os.environ["RLHF_COMMAND"] = shlex.join(["rlhf", *sys.argv[1:]])
+            if launcher.needs_launcher(resolved.launch):
+                typer.echo(f"launching: {launcher.format_argv(argv)}", err=True)
+                code = launcher.run(argv)
+            else:
+                from .worker import run_worker
 
-            code = run_worker(str(recipe_file), resume=resume, debug=debug)
+                code = run_worker(str(recipe_file), resume=resume, debug=debug)
+        finally:
+            if code != 0 and not resume:
+                # A fresh run that stopped before training anything (bad data, say) has
+                # nothing to keep; its recipe.yaml would make the corrected command fail
+                # with "already holds a run".
+                discard_untrained_run(run_dir, remove_dir=created)
     except UserError as exc:
         _fail(exc, debug)
     if code:
@@ -142,10 +159,27 @@ def merge_lora(
 
 @app.command("eval")
 def evaluate(
-    model: Annotated[str, typer.Option("--model", help="A run or model directory.")],
-    data: Annotated[str, typer.Option("--data", help="Held-out preference data.")],
-    reward_model: Annotated[str | None, typer.Option("--reward-model")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Report JSON file.")] = None,
+    model: Annotated[str, typer.Option("--model", help="A run directory or model directory "
+                                       "(reward model or policy).")],
+    data: Annotated[str, typer.Option("--data", help="Held-out preference data "
+                                      "(file or builtin:sort:eval).")],
+    reward_model: Annotated[str | None, typer.Option(
+        "--reward-model", help="Judge for --generate: a reward-model run or directory.")] = None,
+    reward_fn: Annotated[str | None, typer.Option(
+        "--reward-fn", help="Judge for --generate: `module:function` or `file.py:function`.")] = None,
+    generate: Annotated[bool, typer.Option("--generate", help="Also sample answers from the policy "
+                                           "and its reference and score them.")] = False,
+    reference: Annotated[str | None, typer.Option(
+        "--reference", help="Reference model for a full (non-LoRA) policy.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Report JSON (default RUN/eval/report.json); "
+                                             ".md and .png are written beside it.")] = None,
+    beta: Annotated[float | None, typer.Option("--beta", help="β of the implicit reward.")] = None,
+    template: Annotated[str | None, typer.Option("--template")] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    num_prompts: Annotated[int | None, typer.Option("--num-prompts")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="0 = greedy.")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Score held-out preference data with a reward model or a policy.
@@ -154,8 +188,20 @@ def evaluate(
 
         rlhf eval --model runs/tiny-rm --data builtin:sort:eval --out report.json
     """
-    _fail(UserError("`rlhf eval` is not implemented yet (planned with the preference stages)"),
-          _debug_wanted(debug))
+    debug = _debug_wanted(debug)
+    try:
+        from .quiet import quiet_libraries
+
+        quiet_libraries()
+        from .stages.evaluate import run_eval
+
+        overrides = {"beta": beta, "template": template, "max_length": max_length,
+                     "batch_size": batch_size, "num_prompts": num_prompts,
+                     "max_new_tokens": max_new_tokens, "temperature": temperature}
+        run_eval(model, data, out=out, reward_model=reward_model, reward_fn=reward_fn,
+                 generate=generate, reference=reference, overrides=overrides)
+    except UserError as exc:
+        _fail(exc, debug)
 
 
 @app.command("preview")
@@ -184,16 +230,30 @@ def preview(
         _fail(exc, debug)
 
 
+# typer >= 0.2x vendors click (`typer._click`) and raises its own classes, whose common base
+# is `typer.TyperException`; older typer raises click's. Catch both, or a mistyped option
+# ends in a traceback instead of one `error:` line.
+_CLICK_ERRORS = (click.exceptions.ClickException, getattr(typer, "TyperException", click.ClickException))
+_CLICK_EXITS = (click.exceptions.Exit, typer.Exit)
+_CLICK_ABORTS = (click.exceptions.Abort, typer.Abort)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: click usage errors become one `error:` line, exit 2."""
     try:
         result = app(args=argv, standalone_mode=False)
-    except click.exceptions.UsageError as exc:
-        typer.echo(f"error: {exc.format_message()}", err=True)
+    except _CLICK_ERRORS as exc:
+        message = exc.format_message()
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            # `rlhf` alone: rich help is already on stdout (the message is then empty).
+            if message.strip():
+                typer.echo(message)
+        else:
+            typer.echo(f"error: {message}", err=True)
         return EXIT_USER_ERROR
-    except click.exceptions.Exit as exc:
+    except _CLICK_EXITS as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except _CLICK_ABORTS:
         typer.echo("aborted", err=True)
         return 130
     return result if isinstance(result, int) else 0

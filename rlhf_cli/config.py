@@ -42,8 +42,13 @@ def read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context_mark", None)
+        if mark is not None and context is not None and mark.index >= len(text.rstrip()):
+            # An unclosed bracket or quote is only noticed at the end of the file, past the
+            # last line; the line that opened it is the one to fix.
+            mark, problem = context, f"{problem} ({exc.context})"
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UserError(f"invalid YAML: {problem}", where=where) from None
     if data is None:
         data = {}
@@ -293,6 +298,21 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def changed_keys(old: Recipe, new: Recipe) -> list[str]:
+    """`key (old -> new)` for every dotted key that differs; output_dir aside (runs move)."""
+
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(value, dict):
+            return {prefix: value}
+        return {k: v for name, child in value.items()
+                for k, v in flat(child, f"{prefix}.{name}" if prefix else name).items()}
+
+    before, after = flat(recipe_to_dict(old)), flat(recipe_to_dict(new))
+    return [f"{key} ({before.get(key)!r} -> {after.get(key)!r})"
+            for key in sorted(before.keys() | after.keys())
+            if key != "output_dir" and before.get(key) != after.get(key)]
 
 
 def load_resolved(path: str | Path) -> Recipe:

@@ -15,12 +15,12 @@ from .schema import Recipe
 out = Console()
 
 
-def show_dry_run(recipe: Recipe) -> None:
+def show_dry_run(recipe: Recipe, resume: bool = False) -> None:
     from pathlib import Path
 
     out.rule("resolved recipe")
     out.print(Syntax(config.dump_recipe(recipe), "yaml", background_color="default"))
-    argv = launcher.worker_argv(recipe.launch, str(Path(recipe.output_dir) / RECIPE), resume=False)
+    argv = launcher.worker_argv(recipe.launch, str(Path(recipe.output_dir) / RECIPE), resume=resume)
     out.rule("launch command")
     out.print(launcher.format_argv(argv), highlight=False, soft_wrap=True)
     out.rule("first training example")
@@ -28,7 +28,7 @@ def show_dry_run(recipe: Recipe) -> None:
 
 
 def _sft_examples(recipe: Recipe, n: int):
-    from .data.sft import build_sft_dataset
+    from .data.sft import build_sft_dataset, loss_on_every_token
     from .data.sources import load_source
     from .stages.common import tokenizer_for
 
@@ -37,6 +37,8 @@ def _sft_examples(recipe: Recipe, n: int):
     examples, report = build_sft_dataset(rows[: max(n * 4, n)], tokenizer, recipe.data.template,
                                          recipe.data.max_length, recipe.data.max_prompt_length,
                                          source=recipe.data.train)
+    if not recipe.sft.completion_only:  # as training will see them (stages/sft.py)
+        examples = loss_on_every_token(examples)
     return tokenizer, examples[:n]
 
 

@@ -68,9 +68,11 @@ def _parse_jsonl(lines, path: str) -> Iterator[tuple[str, dict]]:
             continue
         where = f"{path}:{lineno}"
         try:
-            row = json.loads(line)
+            # Without its newline: a line cut short would otherwise be reported by json as
+            # "line 2 column 1", which contradicts the file line number in `where`.
+            row = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as exc:
-            raise UserError(f"malformed JSON: {exc}", where=where) from exc
+            raise UserError(f"malformed JSON: {exc.msg} at column {exc.colno}", where=where) from exc
         if not isinstance(row, dict):
             raise UserError(f"expected a JSON object, got {type(row).__name__}", where=where)
         yield where, row

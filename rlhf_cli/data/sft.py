@@ -207,6 +207,14 @@ def build_sft_dataset(rows: list[dict], tokenizer: Any, template: str, max_lengt
     return examples, report
 
 
+def loss_on_every_token(examples: list[dict]) -> list[dict]:
+    """`sft.completion_only: false`: labels on the prompt too (plain causal-LM fine-tuning).
+
+    Shared by training and `rlhf preview`, so that the preview shows the loss that is trained.
+    """
+    return [{**e, "labels": list(e["input_ids"])} for e in examples]
+
+
 def _check_lengths(max_length: int, max_prompt_length: int | None) -> None:
     if max_length < 2:
         raise UserError(f"max_length must be at least 2, got {max_length}")

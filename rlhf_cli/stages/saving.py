@@ -12,7 +12,7 @@ def _strip_prefix(state: dict, prefix: str) -> dict:
 
 
 def save_final_model(backend, model, get_lm: Callable, tokenizer, final_dir: Path,
-                     prefix: str = "lm.") -> Path:
+                     prefix: str = "lm.", extra_files: dict[str, str] | None = None) -> Path:
     """Collective. `get_lm(unwrapped)` picks the transformers/peft model to save.
 
     The state dict comes from the backend, which gathers ZeRO-3 shards when needed; it is
@@ -27,6 +27,8 @@ def save_final_model(backend, model, get_lm: Callable, tokenizer, final_dir: Pat
         lm.save_pretrained(str(tmp), state_dict=_strip_prefix(state, prefix),
                            safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         shutil.rmtree(final_dir, ignore_errors=True)
         tmp.rename(final_dir)
     backend.barrier()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.collate import pad_batch
-from ..data.sft import build_sft_dataset
+from ..data.sft import build_sft_dataset, loss_on_every_token
 from ..data.sources import load_source
 from ..engine.loop import StageTask, Trainer
 from ..engine.plots import plot_run
@@ -52,7 +52,7 @@ def load_examples(recipe: Recipe, tokenizer, spec: str, key: str, backend) -> li
                                          data.max_prompt_length, source=spec)
     say(backend, f"{key}: {report.summary()}")
     if not recipe.sft.completion_only:
-        examples = [{**e, "labels": list(e["input_ids"])} for e in examples]
+        examples = loss_on_every_token(examples)
     return examples
 
 

@@ -1,0 +1,73 @@
+"""Per-token KL estimators between the policy and the reference, and KL-coefficient controllers.
+
+All estimators take per-token log-probs of the SAMPLED tokens (same shape, e.g. [B, T]) and
+return that shape; they estimate KL(π ‖ π_ref) because the tokens were sampled from π.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+KL_KINDS = ("k1", "k2", "k3")
+_LOG_RATIO_CLAMP = 20.0
+
+
+def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k1 = logπ − logπ_ref (unbiased, high variance, can be negative)."""
+    return logp - ref_logp
+
+
+def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k2 = ½·(logπ − logπ_ref)² (biased, low variance, ≥ 0)."""
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k3 = (ρ − 1) − log ρ with ρ = π_ref/π = exp(logπ_ref − logπ) (unbiased, ≥ 0).
+
+    Computed as expm1(l) − l with l = logπ_ref − logπ clamped to ±20 (no overflow).
+    """
+    log_rho = (ref_logp - logp).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    return torch.expm1(log_rho) - log_rho
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
+    """Dispatch on ``kind`` in ``("k1", "k2", "k3")``; same shape as the inputs."""
+    if kind == "k1":
+        return kl_k1(logp, ref_logp)
+    if kind == "k2":
+        return kl_k2(logp, ref_logp)
+    if kind == "k3":
+        return kl_k3(logp, ref_logp)
+    raise ValueError(f"unknown KL estimator {kind!r}; expected one of {', '.join(KL_KINDS)}")
+
+
+class FixedKLController:
+    """Constant β; ``update`` is a no-op returning it."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+
+class AdaptiveKLController:
+    """Adaptive β (Ziegler et al. 2019): β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon).
+
+    ``current_kl``: the measured KL per sequence (sum over response tokens, averaged over the
+    batch); ``n_steps``: the number of samples (sequences) that measurement covered.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"adaptive KL needs target > 0 and horizon > 0, got {target}, {horizon}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value

@@ -1,0 +1,415 @@
+"""Preference rows -> (prompt conversation, chosen, rejected) -> token ids and labels, per side.
+
+Accepted rows (checked in this order):
+- `chosen` + `rejected` with `prompt` (a string or a list of messages) or `instruction` (+ `input`).
+  `chosen`/`rejected` are strings, or message lists whose last message is the assistant answer;
+  when those lists carry earlier turns (`[user, assistant]`), they are the prompt and must match.
+- `chosen` + `rejected` as full message lists sharing every turn but the last (chat pairs).
+- `chosen` + `rejected` strings and nothing else: Anthropic HH transcripts (see `hh_split`).
+- the older `output: [chosen, rejected]` with `instruction` (+ `input`) or `prompt`.
+
+Bad input is either an error or a counted skip. A row whose shape is wrong (no recognisable
+fields, a string `output`, a message without a role) raises a `UserError` naming the row: its
+other rows are probably wrong too. A row that is shaped right but unusable as a pair (`rejected`
+null or absent, an empty or identical response, HH texts that share no prompt, a prompt the
+lengths cannot fit) is skipped and counted by reason in the `DropReport`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import replace
+from enum import Enum
+from typing import Any
+
+from rlhf_cli.data.sft import (
+    IGNORE_INDEX,
+    DropReason,
+    DropReport,
+    _check_lengths,
+    _text,
+    _truncate_response,
+    truncate_prompt,
+)
+from rlhf_cli.data.templates import (
+    ROLES,
+    Template,
+    Token,
+    encode_segments,
+    get_template,
+    render_prompt,
+    user_text,
+)
+from rlhf_cli.errors import UserError
+
+FORMATS = ("'prompt' (or 'instruction' + optional 'input') + 'chosen' + 'rejected', 'chosen' + "
+           "'rejected' as message lists or Anthropic HH transcripts, or 'instruction'/'prompt' + "
+           "'output': [chosen, rejected]")
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+_HH_TURN = re.compile(r"(\n\nHuman:|\n\nAssistant:)")
+
+
+class PairDrop(Enum):
+    """Reasons a preference row is skipped, besides sft's EMPTY_RESPONSE/MARKER_TOO_LONG/NO_ROOM."""
+
+    MISSING = "chosen or rejected missing"
+    IDENTICAL = "chosen and rejected identical"
+    NO_SHARED_PROMPT = "chosen and rejected share no prompt"
+
+
+Drop = DropReason | PairDrop
+
+
+# ---------------------------------------------------------------- Anthropic HH transcripts
+
+
+def hh_split(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """(prompt, chosen response, rejected response) of two HH transcripts, or None.
+
+    The prompt is the longest common prefix of the two texts that ends with "\\n\\nAssistant:";
+    deriving it from both (not from the last "Assistant:" of one) copes with rows where one side
+    has extra turns. Exact: `prompt + chosen_response == chosen`, likewise for rejected.
+    """
+    end = os.path.commonprefix([chosen, rejected]).rfind(ASSISTANT)
+    if end < 0:
+        return None
+    end += len(ASSISTANT)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def hh_conversation(prompt: str) -> list[dict]:
+    """An HH prompt ("\\n\\nHuman: a\\n\\nAssistant: b ... \\n\\nAssistant:") as user/assistant turns.
+
+    Contents are stripped (templates add their own separators); the closing "Assistant:" with
+    nothing after it is the cue for the answer, not a turn. Text before the first marker, which
+    real transcripts never have, is kept as a user turn rather than lost.
+    """
+    parts = _HH_TURN.split(prompt)
+    conversation = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
+    for marker, content in zip(parts[1::2], parts[2::2], strict=True):
+        role = "user" if marker == HUMAN else "assistant"
+        conversation.append({"role": role, "content": content.strip()})
+    if conversation and conversation[-1] == {"role": "assistant", "content": ""}:
+        conversation.pop()
+    return conversation
+
+
+def _from_hh(chosen: str, rejected: str, where: str) -> tuple[list[dict], str, str] | PairDrop:
+    if ASSISTANT not in chosen and ASSISTANT not in rejected:
+        raise UserError("'chosen' and 'rejected' without a 'prompt' must be Anthropic HH "
+                        "transcripts ('\\n\\nHuman: ... \\n\\nAssistant: ...'); expected "
+                        f"{FORMATS}", where=where)
+    split = hh_split(chosen, rejected)
+    conversation = hh_conversation(split[0]) if split else []
+    if not any(m["role"] == "user" for m in conversation):
+        return PairDrop.NO_SHARED_PROMPT
+    return conversation, split[1].strip(), split[2].strip()
+
+
+# ---------------------------------------------------------------- rows -> pairs
+
+
+def to_preference(row: dict, where: str) -> tuple[list[dict], str, str] | Drop:
+    """(prompt conversation, chosen text, rejected text) of one row, or why it is skipped."""
+    pair = parse_pair(row, where)
+    if isinstance(pair, PairDrop):
+        return pair
+    if not pair[1].strip() or not pair[2].strip():
+        return DropReason.EMPTY_RESPONSE
+    return PairDrop.IDENTICAL if pair[1] == pair[2] else pair
+
+
+def parse_pair(row: dict, where: str) -> tuple[list[dict], str, str] | PairDrop:
+    """Like `to_preference`, but without judging the responses (PPO prompts use this)."""
+    if "chosen" in row:
+        chosen, rejected = row["chosen"], row.get("rejected")
+    elif "output" in row:
+        chosen, rejected = _output_pair(row["output"], where)
+    else:
+        raise UserError(f"expected fields {FORMATS}; this row has: "
+                        f"{', '.join(map(repr, row)) or 'no fields'}", where=where)
+    if chosen is None or rejected is None:
+        return PairDrop.MISSING
+    has_prompt = "prompt" in row or "instruction" in row
+    if not has_prompt and isinstance(chosen, str) and isinstance(rejected, str):
+        return _from_hh(chosen, rejected, where)
+    chosen_turns, chosen = _response(chosen, "chosen", where)
+    rejected_turns, rejected = _response(rejected, "rejected", where)
+    if chosen_turns != rejected_turns:
+        return PairDrop.NO_SHARED_PROMPT
+    conversation = chosen_turns or (prompt_turns(row, where) if has_prompt else None)
+    if not conversation:
+        raise UserError("no prompt: give 'prompt' (or 'instruction'), or put the prompt turns "
+                        "in the 'chosen'/'rejected' message lists", where=where)
+    return conversation, chosen, rejected
+
+
+def _output_pair(output: Any, where: str) -> tuple[Any, Any]:
+    # A string `output` is an SFT answer: indexing it would make "P" and "a" a "pair".
+    if not isinstance(output, list):
+        raise UserError(f"'output' must be a list [chosen, rejected], got {type(output).__name__} "
+                        "(a single answer is SFT data, not a preference pair)", where=where)
+    if len(output) > 2:
+        raise UserError(f"'output' must be [chosen, rejected], got {len(output)} items",
+                        where=where)
+    padded = [*output, None, None]
+    return padded[0], padded[1]
+
+
+def prompt_turns(row: dict, where: str) -> list[dict]:
+    if "instruction" in row:
+        return [{"role": "user", "content": _text(row, "instruction", where),
+                 "input": _text(row, "input", where, optional=True)}]
+    if isinstance(row["prompt"], list):
+        return messages_of(row["prompt"], "prompt", where)
+    return [{"role": "user", "content": _text(row, "prompt", where)}]
+
+
+def _response(value: Any, key: str, where: str) -> tuple[list[dict], str]:
+    """(earlier turns, answer text) of a `chosen`/`rejected` string, message or message list."""
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        return [], _text({key: value}, key, where)
+    messages = messages_of(value, key, where)
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"the last message of '{key}' must be the assistant's answer, got role "
+                        f"{messages[-1]['role']!r}", where=where)
+    return messages[:-1], messages[-1]["content"]
+
+
+def messages_of(value: Any, key: str, where: str) -> list[dict]:
+    """A validated non-empty list of `{"role", "content"}` (content None counts as "")."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"'{key}' must be a non-empty list of {{role, content}}", where=where)
+    out = []
+    for i, message in enumerate(value):
+        spot = f"{where} {key}[{i}]"
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise UserError("each message needs 'role' and 'content'", where=spot)
+        if message["role"] not in ROLES:
+            raise UserError(f"unknown role {message['role']!r}; expected one of "
+                            f"{', '.join(ROLES)}", where=spot)
+        out.append({"role": message["role"],
+                    "content": _text(message, "content", spot, optional=True)})
+    return out
+
+
+def prompt_text(conversation: list[dict]) -> str:
+    """The text of the last user turn (with an Alpaca input): what prompts are shown/scored as."""
+    users = [m for m in conversation if m["role"] == "user"]
+    return user_text(users[-1]) if users else user_text(conversation[-1])
+
+
+# ---------------------------------------------------------------- pairs -> tokens
+
+
+def tokenize_pair(prompt_conversation: list[dict], chosen: str, rejected: str, tokenizer: Any,
+                  template: Template | str, max_length: int, max_prompt_length: int | None = None
+                  ) -> dict | Drop:
+    """`{chosen,rejected}_{input_ids,labels}` (+ "truncated") for one pair, or why it is dropped.
+
+    Both sides share one prompt, token for token: BOS, the conversation, the closing marker
+    (earlier assistant turns are context here, without loss). Labels are -100 on the prompt and
+    the ids on the answer and its EOS. Truncation as in SFT: the shared prompt is cut once from
+    the left to `max_prompt_length` (keeping BOS and the marker), then each response from the
+    right to fit `max_length` (ending on a trained EOS).
+    """
+    if isinstance(template, str):
+        template = get_template(template)
+    if not chosen.strip() or not rejected.strip():
+        return DropReason.EMPTY_RESPONSE
+    sides = _encode_sides(prompt_conversation, [chosen, rejected], tokenizer, template)
+    prompt, responses = _shared_prompt(*sides)
+    fitted = _fit(prompt, responses, ["chosen response", "rejected response"], tokenizer,
+                  max_length, max_prompt_length)
+    if not isinstance(fitted, tuple):
+        return fitted
+    prompt, responses, truncated = fitted
+    out: dict = {}
+    for side, response in zip(("chosen", "rejected"), responses, strict=True):
+        out[f"{side}_input_ids"] = [t.id for t in prompt + response]
+        out[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + [t.id for t in response]
+    if out["chosen_input_ids"] == out["rejected_input_ids"]:  # e.g. both cut to the same prefix
+        return PairDrop.IDENTICAL
+    out["truncated"] = truncated
+    return out
+
+
+def tokenize_completion(prompt_conversation: list[dict], completion: str, tokenizer: Any,
+                        template: Template | str, max_length: int,
+                        max_prompt_length: int | None = None) -> dict | Drop:
+    """`{"input_ids", "labels", "truncated"}` with loss on the final answer only (KTO rows).
+
+    Unlike `tokenize_conversation`, earlier assistant turns are context, as in `tokenize_pair`.
+    """
+    if isinstance(template, str):
+        template = get_template(template)
+    if not completion.strip():
+        return DropReason.EMPTY_RESPONSE
+    (side,) = _encode_sides(prompt_conversation, [completion], tokenizer, template)
+    prompt, responses = _shared_prompt(side, side)
+    fitted = _fit(prompt, responses[:1], ["response"], tokenizer, max_length, max_prompt_length)
+    if not isinstance(fitted, tuple):
+        return fitted
+    prompt, (response,), truncated = fitted
+    return {"input_ids": [t.id for t in prompt + response],
+            "labels": [IGNORE_INDEX] * len(prompt) + [t.id for t in response],
+            "truncated": truncated}
+
+
+def _fit(prompt: list[Token], responses: list[list[Token]], names: list[str], tokenizer: Any,
+         max_length: int, max_prompt_length: int | None) -> tuple | DropReason:
+    """SFT's truncation on a shared prompt: (prompt, responses, names of the cut parts), or why
+    the row cannot fit."""
+    truncated = []
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt = truncate_prompt(prompt, max_prompt_length, tokenizer.bos_token_id)
+        if prompt is None:
+            return DropReason.MARKER_TOO_LONG
+        truncated.append("prompt")
+    fitted = []
+    for name, response in zip(names, responses, strict=True):
+        if len(prompt) + len(response) > max_length:
+            response = _truncate_response(response, max_length - len(prompt),
+                                          tokenizer.eos_token_id)
+            if response is None:
+                return DropReason.NO_ROOM
+            truncated.append(name)
+        fitted.append(response)
+    return prompt, fitted, truncated
+
+
+def _encode_sides(conversation: list[dict], answers: list[str], tokenizer: Any,
+                  template: Template) -> list[list[Token]]:
+    prompt_segments = render_prompt(template, conversation, tokenizer)
+    return [_encode_side(conversation, a, prompt_segments, tokenizer, template) for a in answers]
+
+
+def _encode_side(conversation: list[dict], answer: str, prompt_segments: list, tokenizer: Any,
+                 template: Template) -> list[Token]:
+    """Tokens of prompt + answer, encoded as one text (as at inference), loss on the answer only."""
+    segments = template.render([*conversation, {"role": "assistant", "content": answer}], tokenizer)
+    n = len(prompt_segments)
+    if segments[:n] != prompt_segments:
+        raise UserError(f"template {template.name!r} renders the prompt differently once an "
+                        "answer follows, so the answer cannot be located; use another template")
+    context = [replace(s, train=False) for s in segments[:n]]
+    tokens = encode_segments(context + segments[n:], tokenizer)
+    return tokens[: max(i for i, t in enumerate(tokens) if t.train) + 1]
+
+
+def _shared_prompt(chosen: list[Token], rejected: list[Token]
+                   ) -> tuple[list[Token], list[list[Token]]]:
+    """The prompt both sides start with, and the rest of each side (all trained).
+
+    Normally the prompt is everything before the first trained token, the same on both sides. A
+    tokenizer may merge the marker's last characters with an answer's first ones (a "\\n\\n"
+    token); then the prompt is the common token prefix and the differing tokens are scored as
+    part of the answers, so both sides are conditioned on exactly the same ids.
+    """
+    firsts = [next(i for i, t in enumerate(side) if t.train) for side in (chosen, rejected)]
+    shared = 0
+    while shared < min(firsts) and chosen[shared].id == rejected[shared].id:
+        shared += 1
+    rests = [[t._replace(train=True) for t in side[shared:first]] + side[first:]
+             for side, first in zip((chosen, rejected), firsts, strict=True)]
+    return chosen[:shared], rests
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def build_preference_dataset(rows: list[dict], tokenizer: Any, template: str, max_length: int,
+                             max_prompt_length: int | None, source: str
+                             ) -> tuple[list[dict], DropReport]:
+    """Tokenized pairs (plus their `prompt`/`chosen`/`rejected` texts) and a DropReport."""
+    _check_lengths(max_length, max_prompt_length)
+    template_obj = get_template(template)  # an unknown name fails before any row is read
+    examples, report = [], DropReport(total=len(rows))
+    for where, row in located_rows(rows, source):
+        pair = to_preference(row, where)
+        if not isinstance(pair, tuple):
+            report.dropped[pair] += 1
+            continue
+        conversation, chosen, rejected = pair
+        result = with_location(where, tokenize_pair, conversation, chosen, rejected, tokenizer,
+                               template_obj, max_length, max_prompt_length)
+        if not isinstance(result, dict):
+            report.dropped[result] += 1
+            continue
+        report.truncated.update(result.pop("truncated"))
+        examples.append({**result, "prompt": prompt_text(conversation), "chosen": chosen,
+                         "rejected": rejected})
+    return examples, _finish(report, examples, source)
+
+
+def to_unpaired(row: dict, where: str) -> tuple[list[dict], str, bool] | Drop:
+    """KTO rows `prompt` (or `instruction`), `completion`, `label` -> (conversation, text, label)."""
+    if "completion" not in row or "label" not in row or not ("prompt" in row or "instruction" in row):
+        raise UserError("expected fields 'prompt' (or 'instruction'), 'completion' and 'label'; "
+                        f"this row has: {', '.join(map(repr, row)) or 'no fields'}", where=where)
+    if row["completion"] is None:
+        return PairDrop.MISSING
+    turns, completion = _response(row["completion"], "completion", where)
+    label = row["label"]
+    if isinstance(label, str) and label.strip().lower() in ("true", "false", "1", "0"):
+        label = label.strip().lower() in ("true", "1")  # csv cells are text
+    if label not in (True, False):
+        raise UserError(f"'label' must be true or false, got {label!r}", where=where)
+    if not completion.strip():
+        return DropReason.EMPTY_RESPONSE
+    return turns or prompt_turns(row, where), completion, bool(label)
+
+
+def build_unpaired_dataset(rows: list[dict], tokenizer: Any, template: str, max_length: int,
+                           max_prompt_length: int | None, source: str
+                           ) -> tuple[list[dict], DropReport]:
+    """KTO examples `{"input_ids", "labels", "label", "prompt", "completion"}` and a DropReport."""
+    _check_lengths(max_length, max_prompt_length)
+    template_obj = get_template(template)  # an unknown name fails before any row is read
+    examples, report = [], DropReport(total=len(rows))
+    for where, row in located_rows(rows, source):
+        item = to_unpaired(row, where)
+        if not isinstance(item, tuple):
+            report.dropped[item] += 1
+            continue
+        conversation, completion, label = item
+        result = with_location(where, tokenize_completion, conversation, completion, tokenizer,
+                               template_obj, max_length, max_prompt_length)
+        if not isinstance(result, dict):
+            report.dropped[result] += 1
+            continue
+        report.truncated.update(result.pop("truncated"))
+        examples.append({**result, "label": label, "prompt": prompt_text(conversation),
+                         "completion": completion})
+    return examples, _finish(report, examples, source)
+
+
+def located_rows(rows: list[dict], source: str):
+    """(where, row) pairs: "file.jsonl:12" when the rows know their origin, else "source row i"."""
+    locations = getattr(rows, "locations", None)
+    for i, row in enumerate(rows):
+        where = locations[i] if locations else f"{source} row {i + 1}"
+        if not isinstance(row, dict):
+            raise UserError(f"expected an object, got {type(row).__name__}", where=where)
+        yield where, row
+
+
+def with_location(where: str, fn, *args):
+    """Call fn, giving a location to the UserErrors that have none (e.g. template errors)."""
+    try:
+        return fn(*args)
+    except UserError as exc:
+        if exc.where is not None:
+            raise
+        raise UserError(str(exc), where=where) from exc
+
+
+def _finish(report: DropReport, examples: list[dict], source: str) -> DropReport:
+    report.kept = len(examples)
+    if not examples:
+        raise UserError(f"every row of {source} was dropped ({report.summary()}); check the "
+                        "data format, or raise max_length or max_prompt_length")
+    return report

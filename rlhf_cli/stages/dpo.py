@@ -1,0 +1,160 @@
+"""DPO and its family on preference pairs.
+
+Δ = [logπ(y_w) − logπ_ref(y_w)] − [logπ(y_l) − logπ_ref(y_l)], loss e.g. −log σ(βΔ).
+The reference is the same model with its LoRA adapter disabled (no second copy), a
+frozen copy for full fine-tuning, or log-probs computed once before training
+(`dpo.precompute_ref`). Chosen and rejected go through one concatenated forward, and
+only response positions go through the output head.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..algorithms.preference import dpo_loss
+from ..data.collate import pad_pairs
+from ..engine.loop import StageTask, Trainer
+from ..engine.plots import plot_run
+from ..engine.run_dir import FINAL
+from ..errors import UserError
+from ..models.lm_forward import sequence_logprobs
+from ..schema import DPOSection, Recipe
+from .common import policy_model, say, tokenizer_for
+from .rm import load_pairs
+from .saving import save_final_model
+
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+class DPOObjective(torch.nn.Module):
+    """Policy log-probs through the wrapper's forward; the reference on request."""
+
+    def __init__(self, lm, frozen_reference=None):
+        super().__init__()
+        self.lm = lm
+        self.frozen_reference = frozen_reference
+
+    def forward(self, input_ids, attention_mask, labels, reference: bool = False):
+        if not reference:
+            return sequence_logprobs(self.lm, input_ids, attention_mask, labels)
+        was_training = self.training
+        self.eval()  # dropout off: the reference must be deterministic
+        try:
+            with torch.no_grad():
+                if self.frozen_reference is not None:
+                    return sequence_logprobs(self.frozen_reference, input_ids, attention_mask, labels)
+                if not hasattr(self.lm, "disable_adapter"):
+                    # Full fine-tuning with precomputed references: asked only before training.
+                    return sequence_logprobs(self.lm, input_ids, attention_mask, labels)
+                with self.lm.disable_adapter():
+                    return sequence_logprobs(self.lm, input_ids, attention_mask, labels)
+        finally:
+            self.train(was_training)
+
+
+def collate_pairs(examples: list[dict], pad_token_id: int) -> dict:
+    batch = pad_pairs(examples, pad_token_id)
+    if examples and "ref_chosen_logps" in examples[0]:
+        batch["ref_logps"] = torch.tensor(
+            [e["ref_chosen_logps"] for e in examples] + [e["ref_rejected_logps"] for e in examples],
+            dtype=torch.float32)
+    return batch
+
+
+def _halves(t: torch.Tensor):
+    half = t.shape[0] // 2
+    return t[:half], t[half:]
+
+
+def dpo_step_loss(model, batch, *, cfg: DPOSection):
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logps, counts = model(*inputs)
+    ref = None
+    if cfg.loss_type not in REFERENCE_FREE:
+        ref = batch["ref_logps"] if "ref_logps" in batch else model(*inputs, reference=True)[0]
+    chosen, rejected = _halves(logps)
+    chosen_len, rejected_len = _halves(counts)
+    ref_chosen, ref_rejected = _halves(ref) if ref is not None else (None, None)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        chosen, rejected, ref_chosen, ref_rejected, loss_type=cfg.loss_type, beta=cfg.beta,
+        label_smoothing=cfg.label_smoothing, chosen_lengths=chosen_len,
+        rejected_lengths=rejected_len, simpo_gamma=cfg.simpo_gamma,
+        chosen_nll=-chosen / chosen_len.clamp(min=1), orpo_lambda=cfg.orpo_lambda,
+    )
+    metrics = {
+        "rewards/chosen": float(chosen_rewards.sum()),
+        "rewards/rejected": float(rejected_rewards.sum()),
+        "rewards/accuracies": float((chosen_rewards > rejected_rewards).sum()),
+        "rewards/margins": float((chosen_rewards - rejected_rewards).sum()),
+        "logps/chosen": float(chosen.detach().sum()),
+        "logps/rejected": float(rejected.detach().sum()),
+    }
+    return losses.sum(), metrics
+
+
+@torch.no_grad()
+def precompute_reference(objective: DPOObjective, examples: list[dict], collate, backend,
+                         batch_size: int) -> None:
+    """Reference log-probs once per pair, sharded over ranks and gathered to all."""
+    mine = list(range(backend.rank, len(examples), backend.world_size))
+    found: dict[int, tuple[float, float]] = {}
+    for start in range(0, len(mine), batch_size):
+        indices = mine[start:start + batch_size]
+        batch = collate([examples[i] for i in indices])
+        args = [batch[k].to(backend.device) for k in ("input_ids", "attention_mask", "labels")]
+        chosen, rejected = _halves(objective(*args, reference=True)[0].float().cpu())
+        found.update({i: (float(c), float(r)) for i, c, r in zip(indices, chosen, rejected, strict=True)})
+    if backend.world_size > 1:
+        gathered = [None] * backend.world_size
+        torch.distributed.all_gather_object(gathered, found)
+        found = {k: v for part in gathered for k, v in part.items()}
+    for index, (chosen, rejected) in found.items():
+        examples[index]["ref_chosen_logps"] = chosen
+        examples[index]["ref_rejected_logps"] = rejected
+
+
+def run_dpo(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dict:
+    cfg = recipe.dpo
+    if cfg.loss_type == "kto":
+        raise UserError("dpo.loss_type kto needs unpaired data, which is not supported yet",
+                        where="dpo.loss_type")
+    tokenizer = tokenizer_for(recipe)
+    train_pairs = load_pairs(recipe, tokenizer, recipe.data.train, "data.train", backend)
+    eval_pairs = (load_pairs(recipe, tokenizer, recipe.data.eval, "data.eval", backend)
+                  if recipe.data.eval else None)
+    lm = policy_model(recipe, announce=backend.is_main)
+    frozen = None
+    if recipe.model.lora is None and cfg.loss_type not in REFERENCE_FREE and not cfg.precompute_ref:
+        frozen = copy.deepcopy(lm).requires_grad_(False).eval()
+    objective = DPOObjective(lm, frozen)
+    collate = partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
+    scorer = None
+    if recipe.train.eval_reward_fn:
+        from .scoring import make_task_scorer
+
+        task_scorer = make_task_scorer(recipe, tokenizer, backend)
+        scorer = lambda wrapped: task_scorer(wrapped.lm)  # noqa: E731
+    task = StageTask(
+        model=objective, train_examples=train_pairs, eval_examples=eval_pairs, collate=collate,
+        batch_weight=lambda batch: batch["input_ids"].shape[0] // 2,
+        loss_fn=partial(dpo_step_loss, cfg=cfg), evaluate_extra=scorer, title=f"dpo ({cfg.loss_type})",
+        weight_name="pairs",
+    )
+    trainer = Trainer(recipe, task, backend, run_dir)
+    if cfg.precompute_ref and cfg.loss_type not in REFERENCE_FREE:
+        size = recipe.train.eval_batch_size or recipe.train.batch_size
+        for examples in filter(None, (train_pairs, eval_pairs)):
+            precompute_reference(backend.unwrap(trainer.model), examples, collate, backend, size)
+        say(backend, "reference log-probs precomputed")
+    if resume:
+        trainer.resume()
+    last_eval = trainer.run()
+    final = save_final_model(backend, trainer.model, lambda m: m.lm, tokenizer, run_dir / FINAL)
+    if backend.is_main:
+        plot_run(run_dir)
+        say(backend, f"saved {final}")
+    return {k: v for k, v in last_eval.items() if k not in ("step", "split")}

@@ -1,0 +1,95 @@
+"""Loading what `rlhf eval` scores: a reward model or a policy with its reference."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import load_resolved
+from ..engine.run_dir import FINAL, RECIPE
+from ..errors import UserError
+from ..models.lm_forward import sequence_logprobs
+from ..models.loading import load_tokenizer, resolve_base
+from ..models.reward import score_sequences
+
+
+@dataclass
+class LoadedModel:
+    kind: str  # "reward_model" or "policy"
+    model: torch.nn.Module
+    tokenizer: object
+    reference: torch.nn.Module | None = None  # None for an adapter: disable it instead
+
+    def has_adapter(self) -> bool:
+        return hasattr(self.model, "disable_adapter")
+
+    @torch.no_grad()
+    def rewards(self, input_ids, attention_mask) -> torch.Tensor:
+        return score_sequences(self.model, input_ids, attention_mask)
+
+    @torch.no_grad()
+    def logps(self, input_ids, attention_mask, labels, reference: bool = False) -> torch.Tensor:
+        if not reference:
+            return sequence_logprobs(self.model, input_ids, attention_mask, labels)[0]
+        if self.reference is not None:
+            return sequence_logprobs(self.reference, input_ids, attention_mask, labels)[0]
+        with self.model.disable_adapter():
+            return sequence_logprobs(self.model, input_ids, attention_mask, labels)[0]
+
+    def pair_scores(self, batch: dict, beta: float) -> torch.Tensor:
+        """Rewards of the stacked chosen/rejected rows, or implicit rewards β·log π/π_ref."""
+        if self.kind == "reward_model":
+            return self.rewards(batch["input_ids"], batch["attention_mask"])
+        args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return beta * (self.logps(*args) - self.logps(*args, reference=True))
+
+
+def _model_dir(source: str) -> Path:
+    path = Path(source).expanduser()
+    if (path / FINAL).is_dir():
+        path = path / FINAL
+    if not path.is_dir():
+        raise UserError(f"model not found: {source}", where="--model")
+    return path
+
+
+def _is_classifier(config) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
+def _run_base(source: str) -> str | None:
+    recipe = Path(source) / RECIPE
+    return load_resolved(recipe).model.base if recipe.is_file() else None
+
+
+def load_for_eval(source: str, reference: str | None = None) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = _model_dir(source)
+    tokenizer = load_tokenizer(str(path))
+    adapter_file = path / "adapter_config.json"
+    if adapter_file.is_file():
+        from peft import PeftModel
+
+        adapter = json.loads(adapter_file.read_text())
+        base = adapter["base_model_name_or_path"]
+        if adapter.get("task_type") == "SEQ_CLS":
+            body = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+            model = PeftModel.from_pretrained(body, str(path)).eval()
+            return LoadedModel("reward_model", model, tokenizer)
+        body = AutoModelForCausalLM.from_pretrained(base)
+        return LoadedModel("policy", PeftModel.from_pretrained(body, str(path)).eval(), tokenizer)
+    config = AutoConfig.from_pretrained(path)
+    if _is_classifier(config):
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
+        return LoadedModel("reward_model", model, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    reference = reference or _run_base(source)
+    if reference is None:
+        raise UserError("a full policy model needs a reference to compare with: pass --reference "
+                        "(the model it was trained from)", where="--reference")
+    ref_model = AutoModelForCausalLM.from_pretrained(resolve_base(reference)).eval()
+    return LoadedModel("policy", model, tokenizer, reference=ref_model)

@@ -1,0 +1,137 @@
+"""Reward model: a scalar head on the last real token, trained on preference pairs.
+
+loss = −log σ(r(x, y_w) − r(x, y_l) − margin) + λ·(r_w + r_l)², averaged over pairs.
+The eval set's reward mean and std are stored with the model (`reward_stats.json`) so
+that PPO can normalise scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..algorithms.preference import pairwise_reward_loss
+from ..data.collate import pad_pairs
+from ..data.preference import build_preference_dataset
+from ..data.sources import load_source
+from ..engine.loop import StageTask, Trainer
+from ..engine.plots import plot_run
+from ..engine.run_dir import FINAL
+from ..errors import UserError
+from ..models.loading import add_lora, count_parameters, resolve_base
+from ..models.reward import load_sequence_classifier, score_sequences
+from ..schema import Recipe
+from .common import say, tokenizer_for
+from .saving import save_final_model
+
+REWARD_STATS = "reward_stats.json"
+
+
+class RewardObjective(torch.nn.Module):
+    """One forward over chosen and rejected rows together; returns rewards [2B]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.rm = model
+
+    def forward(self, input_ids, attention_mask):
+        return score_sequences(self.rm, input_ids, attention_mask)
+
+
+def pair_count(batch: dict) -> int:
+    return batch["input_ids"].shape[0] // 2
+
+
+def split_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    half = rewards.shape[0] // 2
+    return rewards[:half], rewards[half:]
+
+
+def rm_loss(model, batch, *, margin: float, center_weight: float):
+    chosen, rejected = split_pairs(model(batch["input_ids"], batch["attention_mask"]))
+    losses = pairwise_reward_loss(chosen, rejected, margin=margin, center_weight=center_weight)
+    chosen, rejected = chosen.detach(), rejected.detach()
+    detached = torch.cat([chosen, rejected])
+    metrics = {
+        "accuracy": float((chosen > rejected).sum()),  # ties count as wrong
+        "margin": float((chosen - rejected).sum()),
+        "reward_chosen": float(chosen.sum()),
+        "reward_rejected": float(rejected.sum()),
+        # Per pair: the mean of its two rewards and of their squares, for the std.
+        "reward_mean": float(detached.sum() / 2),
+        "reward_sq": float((detached ** 2).sum() / 2),
+    }
+    return losses.sum(), metrics
+
+
+def load_pairs(recipe: Recipe, tokenizer, spec: str, key: str, backend) -> list[dict]:
+    data = recipe.data
+    rows = load_source(spec, "preference", key=key)
+    examples, report = build_preference_dataset(rows, tokenizer, data.template, data.max_length,
+                                                data.max_prompt_length, source=spec)
+    say(backend, f"{key}: {report.summary()}")
+    return examples
+
+
+def reward_model(recipe: Recipe, tokenizer, announce: bool):
+    source = resolve_base(recipe.model.base)
+    model = load_sequence_classifier(recipe.model, source, tokenizer.pad_token_id)
+    if recipe.model.lora is not None:
+        # peft keeps the `score` head trainable and saves it with the adapter (SEQ_CLS).
+        model = add_lora(model, recipe.model.lora, task_type="SEQ_CLS")
+    if announce:
+        trainable, total = count_parameters(model)
+        say_text = f"reward model: {recipe.model.base}  trainable {trainable:,} / {total:,}"
+        from ..engine.progress import console
+
+        console.print(say_text)
+    return model
+
+
+def reward_stats(row: dict, source: str) -> dict:
+    """Mean and std of the rewards from the eval metrics (E[r] and E[r²] per pair)."""
+    mean = row["reward_mean"]
+    variance = max(row["reward_sq"] - mean ** 2, 0.0)
+    return {"mean": mean, "std": math.sqrt(variance), "accuracy": row.get("accuracy"),
+            "source": source}
+
+
+def run_rm(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dict:
+    if recipe.rm.lm_loss_weight:
+        raise UserError("rm.lm_loss_weight is not supported yet (the reward model has no LM head)",
+                        where="rm.lm_loss_weight")
+    tokenizer = tokenizer_for(recipe)
+    train_pairs = load_pairs(recipe, tokenizer, recipe.data.train, "data.train", backend)
+    eval_pairs = (load_pairs(recipe, tokenizer, recipe.data.eval, "data.eval", backend)
+                  if recipe.data.eval else None)
+    model = reward_model(recipe, tokenizer, backend.is_main)
+    task = StageTask(
+        model=RewardObjective(model),
+        train_examples=train_pairs,
+        eval_examples=eval_pairs,
+        collate=partial(pad_pairs, pad_token_id=tokenizer.pad_token_id),
+        batch_weight=pair_count,
+        loss_fn=partial(rm_loss, margin=recipe.rm.margin, center_weight=recipe.rm.center_weight),
+        title="rm",
+        weight_name="pairs",
+    )
+    trainer = Trainer(recipe, task, backend, run_dir)
+    if resume:
+        trainer.resume()
+    last_eval = trainer.run()
+    stats_row = last_eval
+    if not stats_row:  # no eval data: the statistics come from training pairs
+        trainer.task.eval_examples = train_pairs[:512]
+        stats_row = trainer.evaluate(trainer.total_steps, log=False)
+    stats = json.dumps(reward_stats(stats_row, "eval" if last_eval else "train"), indent=1)
+    final = save_final_model(backend, trainer.model, lambda m: m.rm, tokenizer, run_dir / FINAL,
+                             prefix="rm.", extra_files={REWARD_STATS: stats})
+    if backend.is_main:
+        plot_run(run_dir)
+        held_out = f": accuracy {stats_row['accuracy']:.3f} on {len(eval_pairs)} held-out pairs"
+        say(backend, f"saved {final}" + (held_out if last_eval else ""))
+    return {k: v for k, v in last_eval.items() if k not in ("step", "split")}
