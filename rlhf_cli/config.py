@@ -289,7 +289,35 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, stage: str | Non
     recipe = build_recipe(data, source=str(path), lines=lines, overridden=overridden)
     if recipe.output_dir is None:
         recipe.output_dir = str(Path("runs") / path.stem)
+    _absolute_paths(recipe)
     return recipe
+
+
+# Keys that may name local files; stored absolute so that a run's recipe.yaml works from
+# any directory (resume, merge, re-run).
+_PATH_KEYS = ("model.base", "model.tokenizer", "data.train", "data.eval", "launch.deepspeed",
+              "ppo.reward_model")
+_FUNCTION_KEYS = ("train.eval_reward_fn", "ppo.reward_fn")
+
+
+def _absolute(value: str) -> str:
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def _absolute_paths(recipe: Recipe) -> None:
+    for key in _PATH_KEYS + _FUNCTION_KEYS:
+        section_name, name = key.split(".")
+        section = getattr(recipe, section_name)
+        value = getattr(section, name)
+        if not value or value.startswith("builtin:"):
+            continue
+        if key in _FUNCTION_KEYS:
+            module, sep, function = value.rpartition(":")
+            if module.endswith(".py"):
+                setattr(section, name, f"{_absolute(module)}{sep}{function}")
+        else:
+            setattr(section, name, _absolute(value))
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -57,7 +57,7 @@ CASES = {
                        ["sft", "-r", "r.yaml"], "data.jsonl:3: expected fields"),
     "empty data file": ({"data.jsonl": ""}, ["sft", "-r", "r.yaml"], "data.jsonl: no rows"),
     "every row too long": ({}, ["sft", "-r", "r.yaml", "--set", "data.max_length=4"],
-                           "every row of data.jsonl was dropped"),
+                           "data.jsonl was dropped (dropped 2 of 2 rows"),
     "missing model dir": ({}, ["sft", "-r", "r.yaml", "--set", "model.base=./nope"],
                           "model.base: model not found: ./nope"),
     "merge-lora on a non-adapter": ({}, ["merge-lora", ".", "--out", "merged"],

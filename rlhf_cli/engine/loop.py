@@ -63,7 +63,6 @@ class Trainer:
         self.window = MetricWindow()
         self.logger = MetricsLogger(self.run_dir, backend.is_main, train.report_to)
         self.start_step = 0
-        self.tokens_seen = 0.0
 
     # ------------------------------------------------------------------ resume
     def resume(self) -> None:
@@ -72,7 +71,6 @@ class Trainer:
             return
         state = load_checkpoint(self.backend, checkpoint, self.scheduler)
         self.start_step = state["step"]
-        self.tokens_seen = state.get("tokens_seen", 0.0)
         self.window.load(state.get("window", {}))
         self.logger.truncate_after(self.start_step)
         if self.backend.is_main:
@@ -120,11 +118,17 @@ class Trainer:
             self.model.eval()
             size = self.recipe.train.eval_batch_size or self.recipe.train.batch_size
             shard = task.eval_examples[backend.rank::backend.world_size]
+            # Every rank runs the same number of forwards: ZeRO-3 gathers weights
+            # collectively, so a rank with one batch fewer would leave the others waiting.
+            per_rank = -(-len(task.eval_examples) // backend.world_size)
             loss_sum, weight, metric_sums = 0.0, 0.0, {}
-            for start in range(0, len(shard), size):
-                batch = task.collate(shard[start:start + size])
+            for start in range(0, per_rank, size):
+                chunk = shard[start:start + size]
+                batch = task.collate(chunk or task.eval_examples[:1])
                 with backend.autocast():
                     loss, metrics = task.loss_fn(self.model, _to_device(batch, backend.device))
+                if not chunk:
+                    continue  # a padding forward: its numbers are not counted
                 loss_sum += float(loss)
                 weight += float(task.batch_weight(batch))
                 for key, value in metrics.items():
@@ -142,13 +146,14 @@ class Trainer:
         return row
 
     # -------------------------------------------------------------------- run
-    def _log(self, step: int, progress: TrainingProgress, started: float, start_step: int):
+    def _log(self, step: int, progress: TrainingProgress):
         means = self.window.means()
-        elapsed = max(time.perf_counter() - started, 1e-9)
+        rate = self._window_weight / max(self._window_seconds, 1e-9)
         row = {"step": step, "epoch": round(self.batches.epoch_of(step), 4), **means,
-               f"{self.task.weight_name}_per_sec": self._tokens_since_start / elapsed}
+               f"{self.task.weight_name}_per_sec": rate}
         self.logger.log(row)
         self.window.reset()
+        self._window_weight, self._window_seconds = 0.0, 0.0
         rate = f"{self.task.weight_name}_per_sec"
         shown = {k: row[k] for k in ("loss", "lr", "grad_norm", rate) if k in row}
         progress.update(step, shown)
@@ -168,20 +173,22 @@ class Trainer:
         train = self.recipe.train
         is_main = self.backend.is_main
         progress = TrainingProgress(self.total_steps, self.start_step, is_main, self.task.title)
-        started, self._tokens_since_start = time.perf_counter(), 0.0
+        # Throughput counts training time only (not evaluation or checkpointing), per log window.
+        self._window_weight, self._window_seconds = 0.0, 0.0
         last_eval: dict = {}
         try:
             if self.start_step == 0 and (train.eval_every or self.task.evaluate_extra):
                 last_eval = self.evaluate(0)
             for step in range(self.start_step, self.total_steps):
+                tic = time.perf_counter()
                 row = self.train_step(step)
-                weight = row.pop("_weight")
-                self._tokens_since_start += weight
+                self._window_seconds += time.perf_counter() - tic
+                self._window_weight += row.pop("_weight")
                 self.window.add(row)
                 done = step + 1
                 progress.update(done)
                 if done % train.log_every == 0 or done == self.total_steps:
-                    self._log(done, progress, started, self.start_step)
+                    self._log(done, progress)
                 if train.eval_every and done % train.eval_every == 0 and done < self.total_steps:
                     last_eval = self.evaluate(done)
                 if train.save_every and done % train.save_every == 0 and done < self.total_steps:
@@ -194,7 +201,7 @@ class Trainer:
         return last_eval
 
     def save(self, step: int) -> Path:
-        state = {"tokens_seen": self.tokens_seen, "window": self.window.state(),
+        state = {"window": self.window.state(),
                  "world_size": self.backend.world_size}
         return save_checkpoint(self.backend, self.run_dir, step, state, self.scheduler,
                                self.recipe.train.keep_checkpoints)

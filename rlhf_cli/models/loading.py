@@ -128,7 +128,12 @@ def is_quantized(config) -> bool:
     return getattr(config, "quantization_config", None) is not None
 
 
+def _numel(param) -> int:
+    # Under ZeRO-3 a partitioned parameter is empty here; DeepSpeed keeps its real size.
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 def count_parameters(model) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     return trainable, total
