@@ -42,14 +42,21 @@ def shifted_targets(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return targets, targets != -100
 
 
+def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, as generation does with left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def selected_logits(model, input_ids, attention_mask, mask) -> torch.Tensor:
     """Logits [N, V] of the positions where `mask` ([B, T-1]) is true, in order."""
     lm = inner_causal_lm(model)
     if supports_partial_head(lm):
         hidden = decoder_of(lm)(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids_from(attention_mask),
                                 use_cache=False).last_hidden_state
         return lm.get_output_embeddings()(hidden[:, :-1][mask])
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from(attention_mask), use_cache=False).logits
     return logits[:, :-1][mask]
 
 

@@ -6,7 +6,7 @@ import torch
 
 from ..errors import UserError
 from ..schema import ModelSection
-from .lm_forward import decoder_of, inner_causal_lm
+from .lm_forward import decoder_of, inner_causal_lm, position_ids_from
 from .loading import torch_dtype
 
 
@@ -23,6 +23,7 @@ def score_sequences(model, input_ids, attention_mask) -> torch.Tensor:
     """Scalar reward per row [B] from the head applied to the last real token's state."""
     lm = inner_causal_lm(model)
     hidden = decoder_of(lm)(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids_from(attention_mask),
                             use_cache=False).last_hidden_state
     last = last_token_index(attention_mask)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
