@@ -19,6 +19,7 @@ STAGE_RUNNERS = {
     "sft": "rlhf_cli.stages.sft:run_sft",
     "rm": "rlhf_cli.stages.rm:run_rm",
     "dpo": "rlhf_cli.stages.dpo:run_dpo",
+    "ppo": "rlhf_cli.stages.ppo.run:run_ppo",
 }
 
 

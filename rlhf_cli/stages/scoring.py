@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..data.prompt_data import to_prompt
 from ..data.prompts import prompt_ids_for_generation
-from ..data.sft import to_conversation
 from ..data.sources import load_source
 from ..rewards import load_reward_fn
 from ..schema import Recipe
@@ -27,13 +27,14 @@ def prompt_text(conversation: list[dict]) -> str:
 def make_task_scorer(recipe: Recipe, tokenizer, backend) -> Callable[[torch.nn.Module], dict]:
     train, data = recipe.train, recipe.data
     reward_fn = load_reward_fn(train.eval_reward_fn, key="train.eval_reward_fn")
-    rows = load_source(data.eval, "sft", key="data.eval")[: train.eval_num_prompts]
+    rows = load_source(data.eval, "prompts", key="data.eval")
     conversations = []
     for index, row in enumerate(rows):
-        conversation = to_conversation(row, where=f"{data.eval}: row {index + 1}")
-        while conversation and conversation[-1]["role"] == "assistant":
-            conversation = conversation[:-1]
-        conversations.append(conversation)
+        conversation = to_prompt(row, where=f"{data.eval}: row {index + 1}")
+        if isinstance(conversation, list):  # rows without a usable prompt are skipped
+            conversations.append(conversation)
+        if len(conversations) == train.eval_num_prompts:
+            break
     prompts = [prompt_text(c) for c in conversations]
     prompt_ids = [prompt_ids_for_generation(c, tokenizer, data.template, data.max_prompt_length)
                   for c in conversations]

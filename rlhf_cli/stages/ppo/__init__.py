@@ -1,0 +1,1 @@
+"""PPO with actor, critic, reference and reward arranged on one or more bases."""

@@ -1,0 +1,58 @@
+"""Per-position pieces shared by every arrangement: log-probs, entropy, values, rewards.
+
+Sequences are [prompt left-padded to width P | response right-padded to width R]. The
+state that predicts response token t sits at column P − 1 + t, so only those R columns go
+through the output head (and the value head).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...algorithms.ppo import entropy_from_logits
+from ...models.lm_forward import decoder_of, inner_causal_lm, position_ids_from
+from ...models.reward import last_token_index
+
+
+def hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
+    lm = inner_causal_lm(model)
+    return decoder_of(lm)(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids_from(attention_mask),
+                          use_cache=False).last_hidden_state
+
+
+def response_states(hidden: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    return hidden[:, prompt_width - 1:-1]
+
+
+def token_logprobs_and_entropy(model, states, tokens, temperature: float, with_entropy: bool):
+    """log π(token) [B, R] (and entropy [B, R]) from the states that predict `tokens`."""
+    lm = inner_causal_lm(model)
+    logits = lm.get_output_embeddings()(states).float() / temperature
+    logp = -F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
+    logp = logp.view(tokens.shape)
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    return logp, entropy
+
+
+def sequence_reward(model, head: torch.nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    """Scalar reward per row from `head` at the last real token (the EOS)."""
+    hidden = hidden_states(model, input_ids, attention_mask)
+    last = last_token_index(attention_mask)
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return head(picked).squeeze(-1).float()
+
+
+def linear_head_from(weight: torch.Tensor, trainable: bool) -> torch.nn.Linear:
+    """A bias-free [H -> 1] head holding a copy of `weight` (a clone, never a view)."""
+    head = torch.nn.Linear(weight.shape[1], 1, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(weight.detach().clone().float())
+    return head.requires_grad_(trainable)
+
+
+def zero_head(hidden_size: int) -> torch.nn.Linear:
+    head = torch.nn.Linear(hidden_size, 1, bias=False)
+    torch.nn.init.zeros_(head.weight)
+    return head

@@ -1,0 +1,62 @@
+"""Rollouts: sample responses with the KV cache, then lay out prompt | response tensors.
+
+Prompts are left-padded to width P, responses right-padded to width R. Everything after
+a response's first EOS is masked; the EOS itself is part of the response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...data.collate import pad_prompts
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # [B, P + R]
+    attention_mask: torch.Tensor  # [B, P + R]
+    response_mask: torch.Tensor  # [B, R] float: 1 on response tokens (EOS included)
+    tokens: torch.Tensor  # [B, R] the response tokens (pad after the end)
+    prompt_width: int
+    ended: torch.Tensor  # [B] bool: the response has an EOS
+    prompts: list[str]
+
+
+def response_mask_of(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask [B, R] that covers each row up to and including its first EOS; and `ended` [B]."""
+    is_eos = tokens == eos_id
+    ended = is_eos.any(dim=1)
+    # Positions strictly after the first EOS: a cumulative count of EOS seen before them.
+    after = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    return (~after).float(), ended
+
+
+@torch.no_grad()
+def sample(arrangement, examples: list[dict], tokenizer, ppo, device) -> Rollout:
+    batch = pad_prompts(examples, tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    model = arrangement.generation_model()
+    was_training = model.training
+    model.eval()  # dropout off: noisy rollouts make rewards, values and old log-probs noisy
+    with arrangement.generation_context():
+        out = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
+            temperature=ppo.temperature, top_p=ppo.top_p, top_k=ppo.top_k or None,
+            max_new_tokens=ppo.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, use_cache=True,
+        )
+    model.train(was_training)
+    width = prompt_ids.shape[1]
+    tokens = out[:, width:]
+    response_mask, ended = response_mask_of(tokens, tokenizer.eos_token_id)
+    tokens = torch.where(response_mask.bool(), tokens, torch.full_like(tokens, tokenizer.pad_token_id))
+    attention = torch.cat([prompt_mask, response_mask.long()], dim=1)
+    return Rollout(torch.cat([prompt_ids, tokens], dim=1), attention, response_mask, tokens, width,
+                   ended, [e["prompt"] for e in examples])
+
+
+def decode_responses(rollout: Rollout, tokenizer) -> list[str]:
+    rows = [t[m.bool()].tolist() for t, m in zip(rollout.tokens, rollout.response_mask, strict=True)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
