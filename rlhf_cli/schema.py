@@ -70,6 +70,8 @@ class TrainSection:
     eval_every: int | None = None
     keep_checkpoints: int = 2
     max_grad_norm: float = 1.0
+    # Steps with a NaN/inf loss or gradient are skipped; this many in a row stop the run.
+    max_bad_steps: int = 3
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -193,6 +195,7 @@ BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("train.eval_every", 1, True),
     ("train.keep_checkpoints", 1, True),
     ("train.max_grad_norm", 0, False),
+    ("train.max_bad_steps", 1, True),
     ("train.warmup_steps", 0, True),
     ("train.warmup_ratio", 0, True),
     ("train.weight_decay", 0, True),

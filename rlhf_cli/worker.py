@@ -74,6 +74,8 @@ def report_user_error(message: str) -> None:
 
 
 def run_worker(recipe_file: str, *, resume: bool, debug: bool) -> int:
+    """0, 2 for a user error (bad input, or a disk that cannot take the run's files), 130
+    for Ctrl-C (after the loop saved a checkpoint when it could)."""
     try:
         _train(recipe_file, resume)
     except UserError as exc:
@@ -81,9 +83,20 @@ def run_worker(recipe_file: str, *, resume: bool, debug: bool) -> int:
             raise
         report_user_error(str(exc))
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # Disk full or read-only while writing final/, run.json, ...: not a bug.
+        from .engine.checkpoint import write_failure
+
+        reason = write_failure(exc)
+        if reason is None or debug:
+            raise
+        where = getattr(exc, "filename", None) or Path(recipe_file).parent
+        report_user_error(f"cannot write to {where}: {reason}")
+        return EXIT_USER_ERROR
     return 0
 
 

@@ -10,6 +10,7 @@ two ranks on CPU machines.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 
@@ -46,6 +47,10 @@ class Backend:
     world_size: int = 1
     rank: int = 0
     device: torch.device
+    # Whether a NaN/inf step can be left out (`skip_step`, and `optimizer_step` leaving the
+    # weights alone: `skipped_step`). DeepSpeed steps inside `backward`, so it cannot.
+    can_skip_steps: bool = False
+    skipped_step: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -70,6 +75,8 @@ class Backend:
 
 
 class AccelerateBackend(Backend):
+    can_skip_steps = True
+
     def __init__(self, recipe: Recipe):
         from accelerate import Accelerator
 
@@ -101,11 +108,22 @@ class AccelerateBackend(Backend):
         self.accelerator.backward(loss)
 
     def optimizer_step(self) -> float:
+        """Clip and step; NaN/inf gradients leave the weights and the optimizer state alone.
+
+        With fp16 loss scaling an overflow is routine: the scaler skips that step and
+        lowers the scale itself (it must see `step()` to do so).
+        """
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
-        self.optimizer.step()
+        grad_norm = float(self.accelerator.clip_grad_norm_(params, self.max_grad_norm))
+        self.skipped_step = not math.isfinite(grad_norm) and self.accelerator.scaler is None
+        if not self.skipped_step:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients without touching weights or optimizer state."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def full_state_dict(self, model) -> dict:
         """The whole model's state dict on the main process (for `final/`)."""
@@ -115,7 +133,10 @@ class AccelerateBackend(Backend):
         """Model (trainable weights) and optimizer; called on every rank."""
         if self.is_main:
             save_file(trainable_state(self.unwrap()), str(directory / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            # Through a Python file: a full disk then raises OSError ("No space left on
+            # device") rather than torch's bare "unexpected pos".
+            with open(directory / "optimizer.pt", "wb") as handle:
+                torch.save(self.optimizer.state_dict(), handle)
 
     def load_state(self, directory: Path) -> None:
         load_trainable_state(self.unwrap(), load_file(str(directory / "trainable.safetensors")))

@@ -1,8 +1,9 @@
 """Atomic, resumable checkpoints: `checkpoints/step-N/`.
 
-Everything is written under `checkpoints/.tmp-step-N/` and renamed when complete, so a
-kill at any moment leaves only complete `step-*` directories; a leftover `.tmp-*` is
-ignored and cleaned up by the next save.
+Everything is written under `checkpoints/.tmp-step-N/`, flushed to disk and renamed when
+complete, so a kill at any moment leaves only complete `step-*` directories; a leftover
+`.tmp-*` is ignored and cleaned up by the next save. A failed write (disk full, no
+permission) is a one-line error that names the checkpoint; the previous one stays.
 
 torch and numpy are imported where state is saved or loaded: the CLI lists checkpoints
 (`--resume` checks) before deciding to train, and a user error there should not wait for torch.
@@ -10,13 +11,55 @@ torch and numpy are imported where state is saved or loaded: the CLI lists check
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
+import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+
+from ..errors import UserError
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+# OSErrors that mean "the disk cannot take this write", not a bug.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                   errno.EPERM, errno.EIO}
+
+
+def write_failure(exc: BaseException, any_os_error: bool = False) -> str | None:
+    """Why a write failed ("No space left on device"), or None when `exc` is no such failure.
+
+    torch.save and safetensors wrap the OSError (torch as the exception's context,
+    safetensors as text: "I/O error: File too large (os error 27)"). Without
+    `any_os_error`, only errors that mean "the disk cannot take this write" count.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror and (
+                any_os_error or seen.errno in _STORAGE_ERRNOS):
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    match = re.search(r"I/O error: (.+?) \(os error (\d+)\)", str(exc))
+    if match and (any_os_error or int(match.group(2)) in _STORAGE_ERRNOS):
+        return match.group(1)
+    return None
+
+
+@contextmanager
+def _writing_checkpoint(target: Path, run_dir: Path):
+    try:
+        yield
+    except Exception as exc:  # OSError, torch's RuntimeError, safetensors' SafetensorError
+        reason = write_failure(exc, any_os_error=True)
+        if reason is None:
+            raise
+        previous = latest_checkpoint(run_dir)
+        kept = (f"the previous checkpoint {previous} is kept" if previous is not None
+                else "there is no earlier checkpoint")
+        raise UserError(f"cannot write checkpoint to {target}: {reason}; {kept}") from exc
 
 
 def _step_of(path: Path) -> int | None:
@@ -78,27 +121,50 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(backend, run_dir: Path, step: int, trainer_state: dict, scheduler,
                     keep: int) -> Path:
     """Collective: every rank calls it. Returns the final directory."""
-    import torch
-
     root = Path(run_dir) / CHECKPOINTS
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+    try:
+        with _writing_checkpoint(final, run_dir):
+            if backend.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            backend.barrier()
+            backend.save_state(tmp)
+            _torch_save(rng_state(), tmp / f"rng-rank{backend.rank}.pt")
+            if backend.is_main:
+                _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+                # Written last: its presence marks the directory complete.
+                (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))
+            backend.barrier()
+            if backend.is_main:
+                _flush_to_disk(tmp)
+                _remove(final)
+                tmp.rename(final)
+    except UserError:
+        if backend.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if backend.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    backend.barrier()
-    backend.save_state(tmp)
-    torch.save(rng_state(), tmp / f"rng-rank{backend.rank}.pt")
-    if backend.is_main:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        # Written last: its presence marks the directory complete.
-        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))
-    backend.barrier()
-    if backend.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
         _prune(root, keep)
     backend.barrier()
     return final
+
+
+def _torch_save(obj, path: Path) -> None:
+    import torch
+
+    # Through a Python file: a full disk then raises OSError ("No space left on device")
+    # rather than torch's bare "unexpected pos".
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def _flush_to_disk(directory: Path) -> None:
+    """fsync every file, so that after a power cut the renamed directory is not empty."""
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -106,16 +172,31 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     complete = list_checkpoints(root.parent)
     for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(checkpoint: Path) -> None:
+    """Unmark first: a kill in the middle of rmtree must not leave a half-deleted
+    directory that still looks complete."""
+    (checkpoint / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def load_checkpoint(backend, directory: Path, scheduler) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; returns the trainer state."""
     import torch
 
-    backend.load_state(directory)
-    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
-    rng_file = directory / f"rng-rank{backend.rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((directory / STATE_FILE).read_text())
+    try:
+        backend.load_state(directory)
+        scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+        rng_file = directory / f"rng-rank{backend.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        return json.loads((directory / STATE_FILE).read_text())
+    except UserError:
+        raise
+    except Exception as exc:  # torch, safetensors and DeepSpeed raise many unrelated types
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot load checkpoint {directory}: {first_line}; it does not match "
+                        "this recipe or is damaged (move it away to resume from an older one)"
+                        ) from exc

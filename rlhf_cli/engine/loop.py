@@ -4,11 +4,19 @@ A stage supplies a `StageTask`: examples, a collate function, a loss that return
 over the batch, and the batch's weight (tokens for SFT, pairs for RM/DPO). The loop
 divides by the weight of the whole global batch (all micro-batches, all processes), so
 gradient accumulation and data parallelism give the same update as one big batch.
+
+Faults: a step whose loss or gradients are NaN/inf is skipped (weights and optimizer state
+untouched; the step still counts, so the data position and the schedule move on) and
+counted in `skipped_steps`; `train.max_bad_steps` such steps in a row stop the run. Ctrl-C
+finishes the current step, saves a checkpoint and stops (`TrainingInterrupted`).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +33,46 @@ from .optim import build_optimizer, build_scheduler
 from .progress import TrainingProgress
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C handled: the message says what was saved and how to continue."""
+
+
+class _StopRequest:
+    """The first Ctrl-C asks the loop to stop after the current step; a second one stops
+    at once, like an unhandled Ctrl-C (the last complete checkpoint is still intact)."""
+
+    def __init__(self, announce: bool):
+        self.requested, self.announce, self.previous = False, announce, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            # os.write, not print: a handler that writes to a stream the loop is writing to
+            # would fail with "reentrant call".
+            os.write(2, b"\nCtrl-C: stopping after this step to save a checkpoint "
+                        b"(Ctrl-C again to stop at once)\n")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _rss_mb() -> float | None:
+    """This process's resident memory, for the `rss_mb` metric (flat over a healthy run)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss / 2**20
 
 
 @dataclass
@@ -63,6 +111,9 @@ class Trainer:
         self.window = MetricWindow()
         self.logger = MetricsLogger(self.run_dir, backend.is_main, train.report_to)
         self.start_step = 0
+        self.skipped_steps = 0  # NaN/inf steps over the whole run (resume included)
+        self._bad_in_a_row = 0
+        self._saved: tuple[int, Path] | None = None  # the newest checkpoint: (step, path)
 
     # ------------------------------------------------------------------ resume
     def resume(self) -> None:
@@ -71,6 +122,8 @@ class Trainer:
             return
         state = load_checkpoint(self.backend, checkpoint, self.scheduler)
         self.start_step = state["step"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self._saved = (self.start_step, checkpoint)
         self.window.load(state.get("window", {}))
         self.logger.truncate_after(self.start_step)
         if self.backend.is_main:
@@ -100,15 +153,45 @@ class Trainer:
             loss_sum += float(loss.detach())
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
-        grad_norm = backend.optimizer_step()
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
         keys = sorted(metric_sums)
+        # Summed before the optimizer step: every rank must agree on skipping it.
         totals = self._global_sum([loss_sum] + [metric_sums[k] for k in keys])
+        bad_loss = not math.isfinite(totals[0])
+        if bad_loss and backend.can_skip_steps:
+            backend.skip_step()
+            grad_norm = float("nan")
+        else:
+            grad_norm = backend.optimizer_step()
+        lr = self.scheduler.get_last_lr()[0]
+        # A skipped step still advances the schedule: lr stays a function of the step number,
+        # as the data position does.
+        self.scheduler.step()
         row = {"loss": totals[0] / global_weight, "lr": lr, "grad_norm": grad_norm}
         row.update({k: v / global_weight for k, v in zip(keys, totals[1:], strict=True)})
         row["_weight"] = global_weight
+        row["_bad"] = bad_loss or backend.skipped_step
         return row
+
+    def _count_bad_step(self, done: int, bad: bool) -> None:
+        """Skip-and-count a NaN/inf step; stop when they come `train.max_bad_steps` in a row."""
+        if not bad:
+            self._bad_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self._bad_in_a_row += 1
+        if self._bad_in_a_row < self.recipe.train.max_bad_steps and self.backend.can_skip_steps:
+            return
+        first = done - self._bad_in_a_row + 1
+        steps = f"step {done}" if first == done else f"steps {first}-{done}"
+        kept = (f"the newest checkpoint, {self._saved[1]}, is kept" if self._saved
+                else "no checkpoint was saved")
+        if not self.backend.can_skip_steps:  # DeepSpeed has already applied the update
+            raise UserError(f"training diverged: the loss is NaN/inf at {steps}; lower train.lr "
+                            f"or check the data; {kept}")
+        raise UserError(
+            f"training diverged: the loss or gradients were NaN/inf at {steps} "
+            f"({self._bad_in_a_row} in a row, train.max_bad_steps={self.recipe.train.max_bad_steps}"
+            f"; each was skipped); lower train.lr or check the data; {kept}")
 
     @torch.no_grad()
     def evaluate(self, step: int, log: bool = True) -> dict:
@@ -151,23 +234,33 @@ class Trainer:
         rate = self._window_weight / max(self._window_seconds, 1e-9)
         row = {"step": step, "epoch": round(self.batches.epoch_of(step), 4), **means,
                f"{self.task.weight_name}_per_sec": rate}
+        if self.skipped_steps:
+            row["skipped_steps"] = self.skipped_steps
+        rss = _rss_mb()
+        if rss is not None:
+            row["rss_mb"] = round(rss, 1)
         self.logger.log(row)
         self.window.reset()
         self._window_weight, self._window_seconds = 0.0, 0.0
         rate = f"{self.task.weight_name}_per_sec"
-        shown = {k: row[k] for k in ("loss", "lr", "grad_norm", rate) if k in row}
+        shown = {k: row[k] for k in ("loss", "lr", "grad_norm", rate, "skipped_steps") if k in row}
         progress.update(step, shown)
         progress.log_line(f"step {step}/{self.total_steps}  " + "  ".join(
             f"{k}={v:.4g}" for k, v in shown.items()))
-        self._check_finite(row)
 
-    def _check_finite(self, row: dict) -> None:
-        loss = row.get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise UserError(
-                f"training diverged: loss is {loss} at step {row['step']}; lower train.lr "
-                "or check the data; the last good checkpoint is kept"
-            )
+    def _stop_if_asked(self, stop: _StopRequest, done: int) -> None:
+        """After Ctrl-C (on any rank): save step `done` unless saved already, and stop."""
+        (asked,) = self._global_sum([float(stop.requested)])
+        if not asked:
+            return
+        if done == 0:
+            raise TrainingInterrupted("stopped before the first step; nothing was saved")
+        if self._saved is None or self._saved[0] != done:
+            self.save(done)
+        recipe_file = self.run_dir / "recipe.yaml"
+        raise TrainingInterrupted(
+            f"stopped at step {done}/{self.total_steps}; checkpoint saved in {self._saved[1]}. "
+            f"To continue: rlhf {self.recipe.stage} --recipe {recipe_file} --resume")
 
     def run(self) -> dict:
         train = self.recipe.train
@@ -176,32 +269,40 @@ class Trainer:
         # Throughput counts training time only (not evaluation or checkpointing), per log window.
         self._window_weight, self._window_seconds = 0.0, 0.0
         last_eval: dict = {}
-        try:
-            if self.start_step == 0 and (train.eval_every or self.task.evaluate_extra):
-                last_eval = self.evaluate(0)
-            for step in range(self.start_step, self.total_steps):
-                tic = time.perf_counter()
-                row = self.train_step(step)
-                self._window_seconds += time.perf_counter() - tic
-                self._window_weight += row.pop("_weight")
-                self.window.add(row)
-                done = step + 1
-                progress.update(done)
-                if done % train.log_every == 0 or done == self.total_steps:
-                    self._log(done, progress)
-                if train.eval_every and done % train.eval_every == 0 and done < self.total_steps:
-                    last_eval = self.evaluate(done)
-                if train.save_every and done % train.save_every == 0 and done < self.total_steps:
-                    self.save(done)
-            if train.eval_every or self.task.evaluate_extra:
-                last_eval = self.evaluate(self.total_steps)
-        finally:
-            progress.close()
-            self.logger.close()
+        with _StopRequest(announce=is_main) as stop:
+            try:
+                if self.start_step == 0 and (train.eval_every or self.task.evaluate_extra):
+                    last_eval = self.evaluate(0)
+                for step in range(self.start_step, self.total_steps):
+                    self._stop_if_asked(stop, step)
+                    tic = time.perf_counter()
+                    row = self.train_step(step)
+                    self._window_seconds += time.perf_counter() - tic
+                    self._window_weight += row.pop("_weight")
+                    bad = row.pop("_bad")
+                    if not bad:
+                        self.window.add(row)
+                    done = step + 1
+                    self._count_bad_step(done, bad)
+                    progress.update(done)
+                    if done % train.log_every == 0 or done == self.total_steps:
+                        self._log(done, progress)
+                    if train.eval_every and done % train.eval_every == 0 and done < self.total_steps:
+                        last_eval = self.evaluate(done)
+                    if train.save_every and done % train.save_every == 0 and done < self.total_steps:
+                        self.save(done)
+                self._stop_if_asked(stop, self.total_steps)
+                if train.eval_every or self.task.evaluate_extra:
+                    last_eval = self.evaluate(self.total_steps)
+            finally:
+                progress.close()
+                self.logger.close()
         return last_eval
 
     def save(self, step: int) -> Path:
-        state = {"window": self.window.state(),
+        state = {"window": self.window.state(), "skipped_steps": self.skipped_steps,
                  "world_size": self.backend.world_size}
-        return save_checkpoint(self.backend, self.run_dir, step, state, self.scheduler,
+        path = save_checkpoint(self.backend, self.run_dir, step, state, self.scheduler,
                                self.recipe.train.keep_checkpoints)
+        self._saved = (step, path)
+        return path

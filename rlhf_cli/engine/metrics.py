@@ -7,6 +7,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from ..errors import UserError
+
 
 class MetricWindow:
     """Weighted running means between two log lines."""
@@ -83,8 +85,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {k: _clean(v) for k, v in row.items()}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        except OSError as exc:
+            raise UserError(f"cannot write metrics to {self.path}: {exc.strerror}") from exc
         step = row.get("step", 0)
         prefix = "eval/" if row.get("split") == "eval" else "train/"
         numbers = {k: v for k, v in row.items()

@@ -1,0 +1,437 @@
+"""Faults during training: Ctrl-C, NaN/inf steps, a full disk, SIGKILL while checkpointing,
+and data or runs bigger than memory. Through the real CLI where a fault can be made real
+(signals, file-size limits, an exploding learning rate); in-process with a patched loss
+or writer where it cannot (a NaN at one chosen step, "No space left on device")."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import random
+import re
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = str(REPO / "recipes" / "tiny-sft.yaml")
+# Short steps, no evaluation, one log row per step; fp32 with LoRA dropout 0 (the recipe's).
+BASE = ["--recipe", RECIPE, "--set", "data.max_length=32", "--set", "train.batch_size=4",
+        "--set", "train.log_every=1", "--set", "train.eval_reward_fn=null",
+        "--set", "train.eval_every=null", "--set", "data.eval=null",
+        "--set", "train.save_every=null"]
+
+
+def _env() -> dict:
+    # One thread: two busy cores and OpenMP spinning make tiny steps ~40x slower.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    env.pop("RLHF_DEBUG", None)
+    return env
+
+
+def _argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rlhf_cli.cli", *args]
+
+
+def rlhf(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(_argv(*args), cwd=cwd, env=_env(), capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def train_rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("split") != "eval"]
+
+
+def error_line(stderr: str) -> str:
+    """The one `error:` line of a failed command, which has no traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def complete_checkpoints(run: Path) -> list[Path]:
+    from rlhf_cli.engine.checkpoint import list_checkpoints
+
+    return [p for p in list_checkpoints(run) if (p / "trainer_state.json").is_file()]
+
+
+@pytest.fixture
+def in_process(rlhf_home, tmp_path, monkeypatch):
+    """`rlhf ...` run by rlhf_cli.cli.main in this process, so a test can patch its insides."""
+    import torch
+
+    from rlhf_cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RLHF_COMMAND", "rlhf (test)")  # restored afterwards; main sets it
+    monkeypatch.delenv("RLHF_DEBUG", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield lambda *args: cli.main(list(args))
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------- Ctrl-C
+
+
+def _logged_steps(metrics: Path) -> int:
+    try:
+        return len(metrics.read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(rlhf_home, tmp_path):
+    args = ["sft", *BASE, "--set", "train.max_steps=40"]
+    proc = subprocess.Popen(_argv(*args, "-o", "run"), cwd=tmp_path, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "run"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and _logged_steps(
+            run / "metrics.jsonl") < 2:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    said = re.search(r"interrupted: stopped at step (\d+)/40; checkpoint saved in (\S+)\. "
+                     r"To continue: (rlhf .+ --resume)$", stderr, re.MULTILINE)
+    assert said, stderr
+    step = int(said[1])
+    assert 2 <= step < 40
+    # The checkpoint of the last completed step, complete, and nothing after it.
+    assert complete_checkpoints(run) == [tmp_path / said[2]] == [run / "checkpoints" / f"step-{step}"]
+    assert not (run / "final").exists()
+    assert [r["step"] for r in train_rows(run)] == list(range(1, step + 1))
+
+    # The command it suggests continues the run, exactly as if it had not stopped.
+    resumed = rlhf(*shlex.split(said[3])[1:], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(rf"resuming from .*\(step\s+{step}\)", resumed.stderr), resumed.stderr
+    straight = rlhf(*args, "-o", "straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    rows, straight_rows = train_rows(run), train_rows(tmp_path / "straight")
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    for row, expected in zip(rows, straight_rows, strict=True):
+        assert row["loss"] == pytest.approx(expected["loss"], rel=1e-6, abs=1e-7)
+    adapter = "final/adapter_model.safetensors"
+    a, b = weights(run / adapter), weights(tmp_path / "straight" / adapter)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ctrl_c_in_a_two_process_run_saves_on_both_ranks(rlhf_home, tmp_path):
+    """A terminal's Ctrl-C reaches rlhf and torchrun (one process group); torchrun forwards it
+    to the workers, which agree on the step to stop at and save it together."""
+    proc = subprocess.Popen(_argv("sft", *BASE, "--set", "train.max_steps=200",
+                                  "--set", "train.batch_size=2", "--set", "launch.num_processes=2",
+                                  "-o", "run"),
+                            cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run = tmp_path / "run"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and _logged_steps(
+            run / "metrics.jsonl") < 2:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    said = re.findall(r"interrupted: stopped at step (\d+)/200; checkpoint saved in (\S+)\.", stderr)
+    assert len(said) == 1, stderr  # printed by rank 0 only
+    (checkpoint,) = complete_checkpoints(run)
+    assert checkpoint == tmp_path / said[0][1]
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == int(said[0][0])
+
+
+# ------------------------------------------------------------------------------ NaN/inf
+
+
+def _nan_at(monkeypatch, bad_steps) -> None:
+    """Make the SFT loss NaN at the given training steps (1-based; one micro-batch a step)."""
+    from rlhf_cli.stages import sft
+
+    real, calls = sft.sft_loss, [0]
+
+    def loss(model, batch):
+        value, metrics = real(model, batch)
+        if model.training:
+            calls[0] += 1
+            if calls[0] in bad_steps:
+                value = value * float("nan")
+        return value, metrics
+
+    monkeypatch.setattr(sft, "sft_loss", loss)
+
+
+def test_a_nan_step_is_skipped_and_counted(in_process, tmp_path, monkeypatch):
+    import torch
+
+    _nan_at(monkeypatch, {3, 5})
+    code = in_process("sft", *BASE, "--set", "train.max_steps=6", "--set", "train.save_every=1",
+                      "--set", "train.keep_checkpoints=10", "-o", "run")
+    assert code == 0
+    run = tmp_path / "run"
+    rows = {r["step"]: r for r in train_rows(run)}
+    assert "loss" not in rows[3] and rows[3]["skipped_steps"] == 1
+    assert "skipped_steps" not in rows[2]
+    assert rows[6]["skipped_steps"] == 2 and math.isfinite(rows[6]["loss"])
+    # The schedule still moved on at the skipped step: lr is a function of the step number
+    # (the recipe warms up linearly to 3e-3 over 20 steps).
+    assert rows[4]["lr"] == pytest.approx(3e-3 * 4 / 20)
+    step = {n: run / "checkpoints" / f"step-{n}" for n in range(1, 6)}
+    # A skipped step leaves the weights and the optimizer's moments exactly as they were...
+    assert same_tensors(weights(step[2] / "trainable.safetensors"),
+                        weights(step[3] / "trainable.safetensors"))
+    moments = [torch.load(step[n] / "optimizer.pt", weights_only=True)["state"] for n in (2, 3)]
+    assert moments[0].keys() == moments[1].keys()
+    assert all(same_tensors(moments[0][k], moments[1][k]) for k in moments[0])
+    # ...and the next good step trains again.
+    assert not same_tensors(weights(step[3] / "trainable.safetensors"),
+                            weights(step[4] / "trainable.safetensors"))
+    final = weights(run / "final" / "adapter_model.safetensors")
+    assert all(bool(torch.isfinite(t).all()) for t in final.values())
+
+
+def test_repeated_nan_steps_stop_the_run_and_keep_the_checkpoint(in_process, tmp_path,
+                                                                  monkeypatch, capsys):
+    from rlhf_cli.stages import sft
+
+    real_loss = sft.sft_loss
+    _nan_at(monkeypatch, set(range(3, 100)))
+    args = ["sft", *BASE, "--set", "train.max_steps=6", "--set", "train.save_every=1",
+            "--set", "train.max_bad_steps=2", "-o", "run"]
+    assert in_process(*args) == 2
+    error = error_line(capsys.readouterr().err)
+    assert "training diverged" in error and "steps 3-4" in error, error
+    assert "max_bad_steps=2" in error
+    run = tmp_path / "run"
+    assert f"the newest checkpoint, {Path('run/checkpoints/step-3')}, is kept" in error
+    assert not (run / "final").exists()
+    # The kept checkpoint is a good one: the run resumes from it and finishes.
+    monkeypatch.setattr(sft, "sft_loss", real_loss)
+    assert in_process(*args, "--resume") == 0
+    assert re.search(r"resuming from .*\(step\s+3\)", capsys.readouterr().err)
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_exploding_lr_stops_with_one_error_line(rlhf_home, tmp_path):
+    """lr=1e30: the first update makes the weights huge, every later loss is NaN/inf."""
+    proc = rlhf("sft", *BASE, "--set", "train.max_steps=10", "--set", "train.lr=1e30",
+                "--set", "train.warmup_steps=0", "--set", "train.save_every=1", "-o", "run",
+                cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    error = error_line(proc.stderr)
+    assert "training diverged" in error and "steps 2-4" in error, error
+    rows = train_rows(tmp_path / "run")
+    assert rows[-1]["skipped_steps"] == 2  # steps 2 and 3 logged; 4 stopped the run
+    assert complete_checkpoints(tmp_path / "run")
+    assert not (tmp_path / "run" / "final").exists()
+
+
+# ---------------------------------------------------------------------- disk full / no room
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(in_process, tmp_path,
+                                                                     monkeypatch, capsys):
+    from rlhf_cli.engine import backend
+
+    real_save, calls = backend.save_file, [0]
+
+    def full_disk(tensors, filename, *rest, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:  # the second checkpoint
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return real_save(tensors, filename, *rest, **kwargs)
+
+    monkeypatch.setattr(backend, "save_file", full_disk)
+    args = ["sft", *BASE, "--set", "train.max_steps=6", "--set", "train.save_every=2", "-o", "run"]
+    assert in_process(*args) == 2
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    assert error_line(capsys.readouterr().err) == (
+        f"error: cannot write checkpoint to {Path('run/checkpoints/step-4')}: No space left on "
+        f"device; the previous checkpoint {Path('run/checkpoints/step-2')} is kept")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-2"]  # no .tmp-step-4 left
+    assert not (run / "final").exists()
+    monkeypatch.setattr(backend, "save_file", real_save)
+    assert in_process(*args, "--resume") == 0
+    assert re.search(r"resuming from .*\(step\s+2\)", capsys.readouterr().err)
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_a_damaged_checkpoint_is_one_error_line(in_process, tmp_path, capsys):
+    args = ["sft", *BASE, "--set", "train.max_steps=4", "--set", "train.save_every=1", "-o", "run"]
+    assert in_process(*args) == 0
+    newest = tmp_path / "run" / "checkpoints" / "step-3"
+    tensors = newest / "trainable.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:1000])  # cut short, e.g. by a bad disk
+    capsys.readouterr()
+    assert in_process(*args, "--resume") == 2
+    error = error_line(capsys.readouterr().err)
+    assert error.startswith(f"error: cannot load checkpoint {Path('run/checkpoints/step-3')}: ")
+    assert "move it away" in error
+    newest.rename(newest.with_name("damaged-step-3"))  # as the message says: the older one
+    assert in_process(*args, "--resume") == 0
+    assert re.search(r"resuming from .*\(step\s+2\)", capsys.readouterr().err)
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a core dump
+    return apply
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["checkpoint", "final"])
+def test_real_write_failure_is_one_error_line(what, rlhf_home, tmp_path):
+    """RLIMIT_FSIZE: every file above 256 KiB fails with EFBIG ("File too large"), a real
+    error from the kernel through torch and safetensors (chmod cannot do this for root)."""
+    from rlhf_cli.builtin.model import materialize
+
+    materialize("tiny")  # the built-in model's weights are larger than the limit
+    save = ["--set", "train.save_every=2"] if what == "checkpoint" else []
+    proc = rlhf("sft", *BASE, "--set", "train.max_steps=3", *save, "-o", "run", cwd=tmp_path,
+                preexec_fn=_limit_file_size(256 * 1024))
+    assert proc.returncode == 2, proc.stderr
+    error = error_line(proc.stderr)
+    run = tmp_path / "run"
+    if what == "checkpoint":
+        assert error == (f"error: cannot write checkpoint to {Path('run/checkpoints/step-2')}: "
+                         "File too large; there is no earlier checkpoint")
+        assert list((run / "checkpoints").iterdir()) == []
+    else:
+        assert error.startswith("error: cannot write to run") and error.endswith("File too large")
+    assert not (run / "final").exists()
+
+
+def test_metrics_write_failure_names_the_file(tmp_path):
+    from rlhf_cli.engine.metrics import MetricsLogger
+    from rlhf_cli.errors import UserError
+
+    (tmp_path / "metrics.jsonl").mkdir()  # any OSError will do
+    logger = MetricsLogger(tmp_path, enabled=True, report_to=[])
+    with pytest.raises(UserError, match=r"cannot write metrics to .*metrics\.jsonl: Is a directory"):
+        logger.log({"step": 1, "loss": 1.0})
+
+
+# ------------------------------------------------------------------------------- SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_while_checkpointing_never_leaves_a_checkpoint_resume_cannot_load(
+        rlhf_home, tmp_path):
+    """Five kills at random moments of a run that checkpoints every step: each time,
+    `--resume` either finishes the run or says there is nothing to resume."""
+    rng = random.Random(0)
+    args = ["sft", *BASE, "--set", "train.max_steps=25", "--set", "train.save_every=1",
+            "--set", "train.log_every=5"]
+    outcomes = []
+    for trial in range(5):
+        name = f"run{trial}"
+        run = tmp_path / name
+        proc = subprocess.Popen(_argv(*args, "-o", name), cwd=tmp_path, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 240
+        # From the start of the first checkpoint on, most of the time goes to checkpointing.
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                run / "checkpoints").is_dir():
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 1.0))
+        proc.kill()
+        proc.wait()
+        for checkpoint in complete_checkpoints(run):  # complete means complete
+            names = {p.name for p in checkpoint.iterdir()}
+            assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt",
+                    "rng-rank0.pt"} <= names, (checkpoint, names)
+        resumed = rlhf(*args, "-o", name, "--resume", cwd=tmp_path)
+        if resumed.returncode == 0:
+            assert (run / "final" / "adapter_model.safetensors").is_file()
+            assert [r["step"] for r in train_rows(run)] == list(range(5, 26, 5))
+            outcomes.append("resumed")
+        else:
+            assert resumed.returncode == 2, resumed.stderr
+            assert "no complete checkpoint to resume from" in error_line(resumed.stderr)
+            assert not complete_checkpoints(run)
+            outcomes.append("nothing to resume")
+    assert "resumed" in outcomes, outcomes
+
+
+# ------------------------------------------------------------------- bigger than memory
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+@pytest.mark.slow
+def test_a_million_row_jsonl_is_indexed_not_loaded(tmp_path):
+    import gc
+    import tracemalloc
+
+    from rlhf_cli.data.files import load_rows
+
+    n = 1_000_000
+    path = tmp_path / "big.jsonl"
+    with path.open("w") as handle:
+        for start in range(0, n, 10_000):
+            handle.write("".join(json.dumps({"prompt": f"sort {i:07d} =", "response": f" {i}"})
+                                 + "\n" for i in range(start, start + 10_000)))
+    # What the rows would take as dicts: 10,000 of them, measured, times 100.
+    tracemalloc.start()
+    sample = [json.loads(line) for line, _ in zip(path.open(), range(10_000), strict=False)]
+    parsed_size = tracemalloc.get_traced_memory()[0] * (n // len(sample))
+    tracemalloc.stop()
+    del sample
+    gc.collect()
+    before = _rss()
+    rows = load_rows(str(path))
+    grown = _rss() - before
+    assert len(rows) == n
+    # ~16 bytes a row of index (16 MB) against ~400 MB of dicts.
+    assert grown < 48 * 2**20 and grown < parsed_size / 8, (grown / 2**20, parsed_size / 2**20)
+    assert rows[654_321] == {"prompt": "sort 0654321 =", "response": " 654321"}
+    assert rows[-1]["response"] == f" {n - 1}"
+    assert rows.locations[654_321] == f"{path}:654322"
+    head = rows[:3]
+    assert head == [rows[0], rows[1], rows[2]] and head.locations[2] == f"{path}:3"
+
+
+@pytest.mark.slow
+def test_memory_is_flat_over_a_thousand_steps(rlhf_home, tmp_path):
+    proc = rlhf("sft", *BASE, "--set", "train.max_steps=1000", "--set", "train.log_every=100",
+                "-o", "run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rss = {r["step"]: r["rss_mb"] for r in train_rows(tmp_path / "run")}
+    assert sorted(rss) == list(range(100, 1001, 100))
+    assert rss[1000] - rss[100] < 50, rss
