@@ -86,12 +86,15 @@ def _train(stage: str, recipe: Path, overrides: list[str] | None, output_dir: st
         code = None
         try:
             if not resume or not recipe_file.is_file():
-                write_atomic(recipe_file, config.dump_recipe(resolved))
+                try:
+                    write_atomic(recipe_file, config.dump_recipe(resolved))
+                except OSError as exc:
+                    raise UserError(f"cannot write {recipe_file}: {exc.strerror}") from None
             argv = launcher.worker_argv(resolved.launch, str(recipe_file), resume=resume)
             os.environ["RLHF_COMMAND"] = shlex.join(["rlhf", *sys.argv[1:]])
             if launcher.needs_launcher(resolved.launch):
                 typer.echo(f"launching: {launcher.format_argv(argv)}", err=True)
-                code = launcher.run(argv)
+                code = _run_ignoring_ctrl_c(launcher.run, argv)
             else:
                 from .worker import run_worker
 
@@ -106,6 +109,20 @@ def _train(stage: str, recipe: Path, overrides: list[str] | None, output_dir: st
         _fail(exc, debug)
     if code:
         raise typer.Exit(code)
+
+
+def _run_ignoring_ctrl_c(run, argv: list[str]) -> int:
+    """Ctrl-C reaches the launcher too, which forwards it to the workers (they save a
+    checkpoint and stop); this process only waits. Left to Python, its KeyboardInterrupt
+    would kill the launcher at once. A Python handler, not SIG_IGN: the launcher must
+    start with Ctrl-C enabled (an ignored signal stays ignored across exec)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        return run(argv)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _stage_command(stage: str, summary: str, example: str):

@@ -27,30 +27,67 @@ def show_dry_run(recipe: Recipe, resume: bool = False) -> None:
     show_preview(recipe, n=1, as_json=False)
 
 
-def _sft_examples(recipe: Recipe, n: int):
-    from .data.sft import build_sft_dataset, loss_on_every_token
+def _rows(recipe: Recipe, kind: str, n: int) -> list:
+    """Enough leading rows for n examples after skips (a few rows may be dropped)."""
     from .data.sources import load_source
-    from .stages.common import tokenizer_for
 
-    tokenizer = tokenizer_for(recipe)
-    rows = load_source(recipe.data.train, "sft")
-    examples, report = build_sft_dataset(rows[: max(n * 4, n)], tokenizer, recipe.data.template,
-                                         recipe.data.max_length, recipe.data.max_prompt_length,
-                                         source=recipe.data.train)
+    return load_source(recipe.data.train, kind)[: max(n * 4, n)]
+
+
+def _sft_examples(recipe: Recipe, tokenizer, n: int) -> list[dict]:
+    from .data.sft import build_sft_dataset, loss_on_every_token
+
+    examples, _ = build_sft_dataset(_rows(recipe, "sft", n), tokenizer, recipe.data.template,
+                                    recipe.data.max_length, recipe.data.max_prompt_length,
+                                    source=recipe.data.train)
     if not recipe.sft.completion_only:  # as training will see them (stages/sft.py)
         examples = loss_on_every_token(examples)
-    return tokenizer, examples[:n]
+    return examples[:n]
+
+
+def _preference_examples(recipe: Recipe, tokenizer, n: int) -> list[dict]:
+    from .data.preference import build_preference_dataset
+
+    examples, _ = build_preference_dataset(_rows(recipe, "preference", n), tokenizer,
+                                           recipe.data.template, recipe.data.max_length,
+                                           recipe.data.max_prompt_length, source=recipe.data.train)
+    return examples[:n]
+
+
+def _prompt_examples(recipe: Recipe, tokenizer, n: int) -> list[dict]:
+    from .data.prompt_data import build_prompt_dataset
+
+    examples, _ = build_prompt_dataset(_rows(recipe, "prompts", n), tokenizer, recipe.data.template,
+                                       recipe.data.max_prompt_length, source=recipe.data.train)
+    return examples[:n]
+
+
+def _emit_json(items: list[dict]) -> None:
+    for item in items:
+        sys.stdout.write(json.dumps(item) + "\n")
 
 
 def show_preview(recipe: Recipe, n: int, as_json: bool) -> None:
-    from .data.preview import preview_sft, render_preview_rich
-    from .errors import UserError
+    """The first n training examples of the recipe's stage, as rich panels or JSON lines.
 
-    if recipe.stage != "sft":
-        raise UserError(f"preview of `{recipe.stage}` data is not implemented yet")
-    tokenizer, examples = _sft_examples(recipe, n)
+    JSON (DESIGN.md): sft `input_ids`/`labels`; rm and dpo `prompt`, `chosen`, `rejected`
+    and `{chosen,rejected}_{input_ids,labels}`; ppo `prompt` and `prompt_input_ids`.
+    """
+    from .data import preview
+    from .stages.common import tokenizer_for
+
+    tokenizer = tokenizer_for(recipe)
+    if recipe.stage == "sft":
+        examples = _sft_examples(recipe, tokenizer, n)
+        if as_json:
+            return _emit_json(preview.preview_sft(examples, tokenizer, n))
+        return out.print(preview.render_preview_rich(examples, tokenizer, n))
+    if recipe.stage in ("rm", "dpo"):
+        examples = _preference_examples(recipe, tokenizer, n)
+        if as_json:
+            return _emit_json(preview.preview_preference(examples, tokenizer, n))
+        return out.print(preview.render_preference_rich(examples, tokenizer, n))
+    examples = _prompt_examples(recipe, tokenizer, n)  # ppo
     if as_json:
-        for item in preview_sft(examples, tokenizer, n):
-            sys.stdout.write(json.dumps(item) + "\n")
-        return
-    out.print(render_preview_rich(examples, tokenizer, n))
+        return _emit_json(preview.preview_prompts(examples, n))
+    return out.print(preview.render_prompts_rich(examples, tokenizer, n))

@@ -2,7 +2,8 @@
 
 Reported: mean reward of each, win rate of the policy against the reference (ties
 count half), and KL to the reference = mean over prompts of Σ_t [log π − log π_ref] on
-the policy's own samples (a k1 estimate of KL(π‖π_ref) per response).
+the policy's own samples (a k1 estimate of KL(π‖π_ref) per response). Sampling is seeded
+(`settings.seed`), so a report can be reproduced.
 """
 
 from __future__ import annotations
@@ -38,9 +39,14 @@ def _sample(loaded, prompts: list[list[int]], settings, reference: bool) -> list
     return out
 
 
-def _sequences(prompts, responses, eos_id: int) -> list[dict]:
-    return [{"input_ids": p + r + [eos_id], "labels": [-100] * len(p) + r + [eos_id]}
-            for p, r in zip(prompts, responses, strict=True)]
+def _sequences(prompts, responses, eos_id: int, max_new_tokens: int) -> list[dict]:
+    """Prompt + response, + EOS where the model stopped by itself: a response cut at
+    max_new_tokens has no EOS, and one added would count a token it never sampled."""
+    out = []
+    for p, r in zip(prompts, responses, strict=True):
+        r = r + [eos_id] if len(r) < max_new_tokens else r
+        out.append({"input_ids": p + r, "labels": [-100] * len(p) + r})
+    return out
 
 
 @torch.no_grad()
@@ -53,7 +59,10 @@ def _kl(loaded, sequences: list[dict], batch_size: int) -> list[float]:
     return values
 
 
-def _scorer(loaded, reward_model: str | None, reward_fn: str | None):
+def make_scorer(loaded, reward_model: str | None, reward_fn: str | None):
+    """The judge: `score(prompt texts, token sequences, response texts) -> rewards`.
+
+    Built before anything is scored, so that a wrong judge fails fast."""
     if reward_fn:
         fn = load_reward_fn(reward_fn, key="--reward-fn")
         return lambda texts, sequences, responses: fn(texts, responses)
@@ -74,18 +83,18 @@ def _scorer(loaded, reward_model: str | None, reward_fn: str | None):
     return score
 
 
-def generation_report(loaded, examples: list[dict], settings, *, reward_model: str | None,
-                      reward_fn: str | None) -> dict:
-    score = _scorer(loaded, reward_model, reward_fn)
+def generation_report(loaded, examples: list[dict], settings, score) -> dict:
+    """Sample from the policy and its reference for the first prompts; judge both with `score`."""
     chosen = examples[: settings.num_prompts]
     prompts = [prompt_ids_of(e) for e in chosen]
     texts = [e.get("prompt", "") for e in chosen]
     eos = loaded.tokenizer.eos_token_id
     results = {}
     for name, reference in (("policy", False), ("reference", True)):
+        torch.manual_seed(settings.seed)
         responses = _sample(loaded, prompts, settings, reference)
         decoded = loaded.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        sequences = _sequences(prompts, responses, eos)
+        sequences = _sequences(prompts, responses, eos, settings.max_new_tokens)
         results[name] = (score(texts, sequences, decoded), sequences, decoded)
     policy_scores, policy_sequences, samples = results["policy"]
     reference_scores = results["reference"][0]

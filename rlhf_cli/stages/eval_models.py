@@ -65,6 +65,13 @@ def _run_base(source: str) -> str | None:
     return load_resolved(recipe).model.base if recipe.is_file() else None
 
 
+def _load(auto_class, source: str, **kwargs):
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load {source}: {str(exc).strip().splitlines()[0]}") from None
+
+
 def load_for_eval(source: str, reference: str | None = None) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -75,21 +82,24 @@ def load_for_eval(source: str, reference: str | None = None) -> LoadedModel:
         from peft import PeftModel
 
         adapter = json.loads(adapter_file.read_text())
-        base = adapter["base_model_name_or_path"]
+        # A run's recipe names the base as training resolved it (`builtin:tiny` is written
+        # again if its cache was cleared); a bare adapter directory only has its config.
+        run_base = _run_base(source)
+        base = resolve_base(run_base) if run_base else adapter["base_model_name_or_path"]
         if adapter.get("task_type") == "SEQ_CLS":
-            body = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+            body = _load(AutoModelForSequenceClassification, base, num_labels=1)
             model = PeftModel.from_pretrained(body, str(path)).eval()
             return LoadedModel("reward_model", model, tokenizer)
-        body = AutoModelForCausalLM.from_pretrained(base)
+        body = _load(AutoModelForCausalLM, base)
         return LoadedModel("policy", PeftModel.from_pretrained(body, str(path)).eval(), tokenizer)
-    config = AutoConfig.from_pretrained(path)
+    config = _load(AutoConfig, str(path))
     if _is_classifier(config):
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
+        model = _load(AutoModelForSequenceClassification, str(path), num_labels=1).eval()
         return LoadedModel("reward_model", model, tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = _load(AutoModelForCausalLM, str(path)).eval()
     reference = reference or _run_base(source)
     if reference is None:
         raise UserError("a full policy model needs a reference to compare with: pass --reference "
                         "(the model it was trained from)", where="--reference")
-    ref_model = AutoModelForCausalLM.from_pretrained(resolve_base(reference)).eval()
+    ref_model = _load(AutoModelForCausalLM, resolve_base(reference)).eval()
     return LoadedModel("policy", model, tokenizer, reference=ref_model)

@@ -62,7 +62,9 @@ def write_markdown(path: Path, report: dict, plots: list[Path]) -> None:
         if key in report:
             lines.append(f"| {key} | {report[key]:.4f} |")
     for key, value in (report.get("generation") or {}).items():
-        if isinstance(value, (int, float)):
+        if isinstance(value, int):
+            lines.append(f"| generation/{key} | {value} |")
+        elif isinstance(value, float):
             lines.append(f"| generation/{key} | {value:.4f} |")
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     path.write_text("\n".join(lines))

@@ -38,6 +38,7 @@ class EvalSettings:
     num_prompts: int = 64
     max_new_tokens: int = 64
     temperature: float = 1.0
+    seed: int = 0  # sampling seed for --generate
 
 
 def settings_for(model_source: str, overrides: dict) -> EvalSettings:
@@ -94,8 +95,21 @@ def preference_report(chosen: list[float], rejected: list[float]) -> dict:
 def run_eval(model: str, data: str, *, out: Path | None, reward_model: str | None,
              reward_fn: str | None, generate: bool, reference: str | None,
              overrides: dict) -> dict:
+    if generate and not (reward_model or reward_fn):
+        raise UserError("--generate needs a judge: --reward-model DIR or --reward-fn module:function")
+    if reward_model and reward_fn:
+        raise UserError("give one judge, --reward-model or --reward-fn, not both")
+    if (reward_model or reward_fn) and not generate:
+        raise UserError("--reward-model/--reward-fn judge generations: add --generate")
     settings = settings_for(model, overrides)
     loaded = load_for_eval(model, reference=reference)
+    judge = None
+    if generate:
+        from .eval_generate import make_scorer
+
+        if loaded.kind != "policy":
+            raise UserError("--generate needs a policy (--model), not a reward model")
+        judge = make_scorer(loaded, reward_model, reward_fn)
     rows = load_source(data, "preference", key="--data")
     examples, drop = build_preference_dataset(rows, loaded.tokenizer, settings.template,
                                               settings.max_length, settings.max_prompt_length,
@@ -106,13 +120,10 @@ def run_eval(model: str, data: str, *, out: Path | None, reward_model: str | Non
               **preference_report(chosen, rejected), "skipped": drop.total - drop.kept}
     if loaded.kind == "policy":
         report["beta"] = settings.beta
-    if generate:
+    if judge is not None:
         from .eval_generate import generation_report
 
-        if loaded.kind != "policy":
-            raise UserError("--generate needs a policy (--model), not a reward model")
-        report["generation"] = generation_report(loaded, examples, settings,
-                                                 reward_model=reward_model, reward_fn=reward_fn)
+        report["generation"] = generation_report(loaded, examples, settings, judge)
     out = Path(out) if out else _default_out(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(report, indent=1))
