@@ -94,6 +94,10 @@ def merge_lora(source: str, out: Path, *, overwrite: bool = False) -> Path:
     inputs = _sample_input(tokenizer, base)
     expected = _output_of(peft_model, inputs)
     merged = peft_model.merge_and_unload()
+    if merged.config.pad_token_id is None and tokenizer is not None and tokenizer.pad_token_id is not None:
+        # A sequence classifier finds each row's last token from the pad id; without one,
+        # plain transformers refuses batches (LLaMA 2 ships no pad token).
+        merged.config.pad_token_id = tokenizer.pad_token_id
     got = _output_of(merged, inputs)
     diff = float((expected - got).abs().max())
     if diff > LOGITS_ATOL:

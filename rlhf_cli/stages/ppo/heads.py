@@ -36,19 +36,30 @@ def token_logprobs_and_entropy(model, states, tokens, temperature: float, with_e
     return logp, entropy
 
 
-def sequence_reward(model, head: torch.nn.Module, input_ids, attention_mask) -> torch.Tensor:
-    """Scalar reward per row from `head` at the last real token (the EOS)."""
+def apply_head(head: torch.nn.Linear, states: torch.Tensor) -> torch.Tensor:
+    """[..., H] -> [...] float32; states are cast to the head's dtype (a float32 value head
+    on a bf16 body would otherwise fail outside autocast)."""
+    return head(states.to(head.weight.dtype)).squeeze(-1).float()
+
+
+def sequence_reward(model, head: torch.nn.Linear, input_ids, attention_mask) -> torch.Tensor:
+    """Scalar reward per row from `head` at the last real token (the EOS), computed as
+    `rlhf_cli.models.reward.score_sequences` computes an RM's own score."""
     hidden = hidden_states(model, input_ids, attention_mask)
     last = last_token_index(attention_mask)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return head(picked).squeeze(-1).float()
+    return apply_head(head, picked)
 
 
-def linear_head_from(weight: torch.Tensor, trainable: bool) -> torch.nn.Linear:
-    """A bias-free [H -> 1] head holding a copy of `weight` (a clone, never a view)."""
-    head = torch.nn.Linear(weight.shape[1], 1, bias=False)
+def linear_head_from(weight: torch.Tensor, trainable: bool, dtype=torch.float32) -> torch.nn.Linear:
+    """A bias-free [H -> 1] head holding a copy of `weight` (a clone, never a view).
+
+    A reward head keeps its body's dtype (scores equal the RM's own); a trainable value
+    head is float32.
+    """
+    head = torch.nn.Linear(weight.shape[1], 1, bias=False, dtype=dtype)
     with torch.no_grad():
-        head.weight.copy_(weight.detach().clone().float())
+        head.weight.copy_(weight.detach().clone().to(dtype))
     return head.requires_grad_(trainable)
 
 

@@ -33,21 +33,33 @@ def response_mask_of(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, t
     return (~after).float(), ended
 
 
+def sampling_settings(ppo) -> dict:
+    """generate() settings that sample from exactly the distribution the log-probs use.
+
+    Every value is explicit: a setting left out falls back to the model's
+    generation_config.json (LLaMA 2 ships temperature 0.6 and top_p 0.9) or to transformers'
+    top_k = 50, and the rollout would no longer come from π/T.
+    """
+    return {"do_sample": True, "temperature": ppo.temperature, "top_p": ppo.top_p,
+            "top_k": ppo.top_k, "repetition_penalty": 1.0, "typical_p": 1.0,
+            "max_new_tokens": ppo.max_new_tokens, "use_cache": True}
+
+
 @torch.no_grad()
-def sample(arrangement, examples: list[dict], tokenizer, ppo, device) -> Rollout:
+def sample(arrangement, examples: list[dict], tokenizer, ppo, device, synced: bool = False) -> Rollout:
+    """`synced`: several ranks under ZeRO-3 must keep stepping until all are done."""
     batch = pad_prompts(examples, tokenizer.pad_token_id)
     prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     model = arrangement.generation_model()
     was_training = model.training
     model.eval()  # dropout off: noisy rollouts make rewards, values and old log-probs noisy
-    with arrangement.generation_context():
-        out = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
-            temperature=ppo.temperature, top_p=ppo.top_p, top_k=ppo.top_k or None,
-            max_new_tokens=ppo.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, use_cache=True,
-        )
-    model.train(was_training)
+    try:
+        with arrangement.generation_context():
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 synced_gpus=synced, **sampling_settings(ppo))
+    finally:
+        model.train(was_training)
     width = prompt_ids.shape[1]
     tokens = out[:, width:]
     response_mask, ended = response_mask_of(tokens, tokenizer.eos_token_id)

@@ -28,7 +28,7 @@ from ...rewards import load_reward_fn
 from ...schema import Recipe
 from ..common import say, tokenizer_for
 from .experience import build_experience
-from .roles import build_arrangement
+from .build import build_arrangement
 from .rollout import decode_responses, sample
 from .saving import save_ppo_final
 from .update import ppo_update
@@ -68,8 +68,11 @@ class PPORun:
         self.recipe, self.run_dir, self.backend = recipe, Path(run_dir), backend
         self.ppo, self.train = recipe.ppo, recipe.train
         self.tokenizer = tokenizer_for(recipe)
+        if self.ppo.ptx_coef:
+            raise UserError("the pretraining (ptx) loss is not supported yet: set it to 0",
+                            where="ppo.ptx_coef")
         self.prompts = self._load_prompts()
-        arrangement = build_arrangement(recipe)
+        arrangement = build_arrangement(recipe, self.tokenizer)
         arrangement.temperature = self.ppo.temperature
         self.reward_fn = load_reward_fn(self.ppo.reward_fn) if self.ppo.reward_fn else None
         self.reward_stats = _reward_stats(recipe)
@@ -117,7 +120,8 @@ class PPORun:
     def iteration(self, index: int) -> dict:
         examples = [self.prompts[i] for i in self.batches.micro_batches(index)[0]]
         t0 = time.perf_counter()
-        rollout = sample(self.model, examples, self.tokenizer, self.ppo, self.backend.device)
+        rollout = sample(self.model, examples, self.tokenizer, self.ppo, self.backend.device,
+                         synced=self.backend.world_size > 1)
         t1 = time.perf_counter()
         scores, responses = self._scores(rollout)
         t2 = time.perf_counter()
