@@ -27,8 +27,8 @@ from ...errors import UserError
 from ...rewards import load_reward_fn
 from ...schema import Recipe
 from ..common import say, tokenizer_for
-from .experience import build_experience
 from .build import build_arrangement
+from .experience import build_experience
 from .rollout import decode_responses, sample
 from .saving import save_ppo_final
 from .update import ppo_update
@@ -72,10 +72,14 @@ class PPORun:
             raise UserError("the pretraining (ptx) loss is not supported yet: set it to 0",
                             where="ppo.ptx_coef")
         self.prompts = self._load_prompts()
-        arrangement = build_arrangement(recipe, self.tokenizer)
-        arrangement.temperature = self.ppo.temperature
         self.reward_fn = load_reward_fn(self.ppo.reward_fn) if self.ppo.reward_fn else None
+        if self.reward_fn is not None and self.ppo.reward_model:
+            say(backend, "scores come from ppo.reward_fn; ppo.reward_model only initialises the critic")
         self.reward_stats = _reward_stats(recipe)
+        if self.ppo.normalize_reward and self.reward_fn is None and self.reward_stats is None:
+            say(backend, "ppo.normalize_reward: the reward model has no reward_stats.json; "
+                         "scores are used as they are")
+        arrangement = build_arrangement(recipe, self.tokenizer)
         optimizer = _optimizer(arrangement, recipe)
         self.wrapped = backend.prepare(arrangement, optimizer)
         self.model = backend.unwrap(self.wrapped)

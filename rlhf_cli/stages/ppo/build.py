@@ -1,0 +1,178 @@
+"""Building an arrangement (roles.py) from a recipe: which bases to load, which adapters
+go where, and where the critic and the reward come from.
+
+- The actor is the policy base with a fresh LoRA (B = 0): it starts equal to the reference.
+- The critic starts from the reward model (its adapter and head) when there is one; with
+  only a reward function it starts from the policy base with a fresh adapter and a zero head.
+- In one-base arrangements the RM adapter must have been trained on the policy's base.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from ...errors import UserError
+from ...models.loading import (
+    add_lora,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    lora_config,
+    resolve_base,
+)
+from ...schema import Recipe
+from .adapters import (
+    CRITIC,
+    POLICY,
+    REWARD,
+    WHERE,
+    adapter_base,
+    add_rm_adapter,
+    checkpoint_under_forward_adapter,
+    peft_with_rm_adapter,
+    reward_model_dir,
+    same_base,
+)
+from .heads import linear_head_from, zero_head
+from .roles import Arrangement, OneBaseOneLora, OneBaseTwoLora, Separate, TwoBase
+
+
+def build_arrangement(recipe: Recipe, tokenizer=None) -> Arrangement:
+    """The arrangement named by `ppo.arrangement`; `tokenizer` (the policy's) lets a
+    two-base arrangement check that the RM reads the same token ids."""
+    if recipe.model.lora is None:
+        raise UserError("PPO arrangements train LoRA adapters: set model.lora (full fine-tuning "
+                        "of the actor is not supported yet)", where="model.lora")
+    kind = recipe.ppo.arrangement
+    rm_dir, rm_kind = _reward_model(recipe, kind)
+    if rm_dir is not None and tokenizer is not None and not kind.startswith("1base"):
+        _check_tokenizer(rm_dir, tokenizer)
+    actor = add_lora(load_causal_lm(recipe.model), recipe.model.lora)
+    if kind in ("1base-1lora", "1base-2lora"):
+        arrangement = _one_base(recipe, actor, rm_dir, two_lora=kind == "1base-2lora")
+    elif kind == "2base-2lora":
+        arrangement = _two_base(recipe, actor, rm_dir)
+    else:
+        arrangement = _separate(recipe, actor, rm_dir, rm_kind)
+    # Log-probs at the temperature the rollouts are sampled with (π/T), for every role.
+    arrangement.temperature = recipe.ppo.temperature
+    return arrangement
+
+
+def _reward_model(recipe: Recipe, kind: str):
+    """(RM directory, `adapter` | `full`), or (None, None) without `ppo.reward_model`."""
+    if not recipe.ppo.reward_model:
+        return None, None
+    rm_dir, rm_kind = reward_model_dir(recipe.ppo.reward_model)
+    if rm_kind == "full" and kind != "separate":
+        raise UserError(f"{recipe.ppo.reward_model} is a full reward model; the {kind} arrangement "
+                        "needs an RM trained with LoRA (or use ppo.arrangement: separate)", where=WHERE)
+    policy_base = resolve_base(recipe.model.base)
+    if kind.startswith("1base") and not same_base(rm_dir, policy_base):
+        raise UserError(
+            f"the reward model {recipe.ppo.reward_model} was trained on {adapter_base(rm_dir)}, not on "
+            f"the policy's base {policy_base}; one-base arrangements need the same base (train the RM "
+            "on model.base, or use ppo.arrangement: 2base-2lora or separate)", where=WHERE)
+    return rm_dir, rm_kind
+
+
+def _check_tokenizer(rm_dir, tokenizer) -> None:
+    from transformers import AutoTokenizer
+
+    if not (rm_dir / "tokenizer_config.json").is_file():
+        return
+    theirs = AutoTokenizer.from_pretrained(str(rm_dir))
+    if theirs.get_vocab() != tokenizer.get_vocab() or theirs.eos_token_id != tokenizer.eos_token_id:
+        raise UserError(f"the reward model {rm_dir} uses another tokenizer than the policy; PPO "
+                        "scores the policy's token ids, so both must share one vocabulary", where=WHERE)
+
+
+def _dtype_of(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _set_trainable(peft_model, adapter: str) -> None:
+    for name, param in peft_model.named_parameters():
+        if f".{adapter}." in name:
+            param.requires_grad_(True)
+
+
+def _one_base(recipe: Recipe, actor, rm_dir, two_lora: bool) -> Arrangement:
+    reward_head, value_head = None, zero_head(actor.config.hidden_size)
+    if rm_dir is not None:
+        head = add_rm_adapter(actor, rm_dir, REWARD)
+        reward_head = linear_head_from(head, False, _dtype_of(actor.get_base_model()))
+        value_head = linear_head_from(head, True)
+    if not two_lora:
+        return OneBaseOneLora(actor, value_head, reward_head)
+    if rm_dir is not None:  # the critic adapter starts as a trainable copy of the RM adapter
+        add_rm_adapter(actor, rm_dir, CRITIC, trainable=True)
+    else:
+        actor.add_adapter(CRITIC, copy.deepcopy(actor.peft_config[POLICY]))
+        _set_trainable(actor, CRITIC)
+    # The critic runs under its own adapter inside the forward: recomputation must too.
+    checkpoint_under_forward_adapter(actor)
+    return OneBaseTwoLora(actor, value_head, reward_head)
+
+
+def _load_rm_base(recipe: Recipe, base: str):
+    """The base the RM adapter names in its adapter_config.json (a path or a hub name)."""
+    if base.startswith(("/", ".", "~")) and not Path(base).expanduser().exists():
+        raise UserError(f"the reward model's base {base} (named in its adapter_config.json) is not "
+                        "found", where=WHERE)
+    try:
+        return load_causal_lm(recipe.model, source=base)
+    except UserError as exc:  # its message names model.base: say which base it really was
+        raise UserError(f"cannot load the reward model's base {base} ({exc})", where=WHERE) from None
+
+
+def _two_base(recipe: Recipe, actor, rm_dir) -> Arrangement:
+    from peft import get_peft_model
+
+    if rm_dir is None:  # reward function: the second base is the policy's, with a fresh critic
+        body = load_causal_lm(recipe.model)
+        rm_body = get_peft_model(body, lora_config(recipe.model.lora), adapter_name=CRITIC)
+        return TwoBase(actor, rm_body, zero_head(body.config.hidden_size), None)
+    rm_body, head = peft_with_rm_adapter(_load_rm_base(recipe, adapter_base(rm_dir)), rm_dir, CRITIC,
+                                         trainable=True)
+    add_rm_adapter(rm_body, rm_dir, REWARD)  # only ever used under no_grad
+    reward_head = linear_head_from(head, False, _dtype_of(rm_body.get_base_model()))
+    return TwoBase(actor, rm_body, linear_head_from(head, True), reward_head)
+
+
+def _sequence_classifier(recipe: Recipe, source: str):
+    from transformers import AutoModelForSequenceClassification
+
+    from ...models.loading import torch_dtype
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=1, dtype=torch_dtype(recipe.model.dtype),
+            trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the reward model {source}: {str(exc).splitlines()[0]}",
+                        where=WHERE) from None
+
+
+def _separate(recipe: Recipe, actor, rm_dir, rm_kind) -> Arrangement:
+    reference = load_causal_lm(recipe.model).requires_grad_(False)
+    if rm_dir is None:
+        critic = add_lora(load_causal_lm(recipe.model), recipe.model.lora)
+        return Separate(actor, reference, critic, zero_head(actor.config.hidden_size), None)
+    if rm_kind == "adapter":
+        from peft import PeftModel
+
+        base = adapter_base(rm_dir)
+        critic, head = peft_with_rm_adapter(_load_rm_base(recipe, base), rm_dir, POLICY, trainable=True)
+        reward_model = PeftModel.from_pretrained(_sequence_classifier(recipe, base), str(rm_dir))
+    else:
+        reward_model = _sequence_classifier(recipe, str(rm_dir))
+        head = reward_model.score.weight
+        body = copy.deepcopy(reward_model)
+        body.score = torch.nn.Identity()  # the critic's head is the value head
+        if recipe.model.gradient_checkpointing:
+            enable_gradient_checkpointing(body)
+        critic = add_lora(body, recipe.model.lora, task_type=None)
+    return Separate(actor, reference, critic, linear_head_from(head, True), reward_model.eval())

@@ -1,0 +1,164 @@
+"""PPO end to end through the real CLI (subprocesses: real exit codes, real stderr).
+
+Every shipped tiny arrangement runs two short iterations with the built-in reward
+function; 1base-1lora also runs with a reward model from `rlhf rm`; wrong inputs exit 2
+with one `error:` line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ARRANGEMENTS = ("1base-1lora", "1base-2lora", "2base-2lora", "separate")
+# Two small iterations, a small greedy evaluation at the start and the end, no checkpoints.
+FAST = ["--set", "train.max_steps=2", "--set", "train.log_every=1", "--set", "train.eval_every=null",
+        "--set", "train.save_every=null", "--set", "train.eval_num_prompts=16",
+        "--set", "ppo.rollout_batch_size=16", "--set", "ppo.mini_batch_size=8", "--set", "ppo.ppo_epochs=1"]
+
+
+def recipe(arrangement: str) -> str:
+    return str(REPO / "recipes" / f"tiny-ppo-{arrangement}.yaml")
+
+
+def rlhf(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`rlhf ARGS` in a fresh interpreter, offline, on one thread (see test_sft_e2e)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    env.pop("RLHF_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "rlhf_cli.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def assert_ppo_run(run: Path, proc: subprocess.CompletedProcess) -> list[dict]:
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    rows = read_jsonl(run / "metrics.jsonl")
+    train = [r for r in rows if r.get("split") != "eval"]
+    assert [r["step"] for r in train] == [1, 2]
+    for row in train:
+        for key in ("score", "kl", "response_length", "loss", "policy_loss", "value_loss", "entropy"):
+            assert isinstance(row[key], float), (key, row)
+    assert train[0]["kl"] == 0.0  # the fresh actor adapter is the reference exactly
+    evals = [r for r in rows if r.get("split") == "eval"]
+    assert [r["step"] for r in evals] == [0, 2] and all(0 <= r["score"] <= 1 for r in evals)
+    samples = read_jsonl(run / "samples.jsonl")
+    assert {s["step"] for s in samples} == {1, 2}
+    assert all(isinstance(s["response"], str) and "sort" in s["prompt"] for s in samples)
+    return train
+
+
+def assert_adapter_loads(final: Path) -> None:
+    """final/ is a PEFT adapter that loads against the base it names, with the tokenizer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json",
+                 "value_head.safetensors"):
+        assert (final / name).is_file(), name
+    base_path = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(final)).eval()
+    assert set(policy.peft_config) == {"default"}
+    ids = AutoTokenizer.from_pretrained(str(final))("sort dcba =", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert not torch.equal(policy(ids).logits, base(ids).logits)  # two updates moved it
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, text: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and text in errors[0], proc.stderr
+
+
+@pytest.fixture(scope="module")
+def work(rlhf_home, tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ppo_e2e")
+
+
+@pytest.fixture(scope="module")
+def rm_run(work) -> Path:
+    """A (briefly trained) LoRA reward model on builtin:tiny, through `rlhf rm`."""
+    proc = rlhf("rm", "--recipe", str(REPO / "recipes" / "tiny-rm.yaml"), "-o", "rm",
+                "--set", "train.max_steps=3", "--set", "train.eval_every=null",
+                "--set", "train.save_every=null", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    return work / "rm"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arrangement", ARRANGEMENTS)
+def test_arrangement_runs_with_the_reward_function(arrangement, work):
+    out = f"fn-{arrangement}"
+    proc = rlhf("ppo", "--recipe", recipe(arrangement), *FAST, "-o", out, cwd=work)
+    assert_ppo_run(work / out, proc)
+    assert_adapter_loads(work / out / "final")
+
+
+@pytest.mark.slow
+def test_1base_1lora_with_a_reward_model_drops_long_prompts(work, rm_run):
+    # Sort prompts are 8 + n tokens for n letters: at most 13 keeps 3 to 5 letters.
+    proc = rlhf("ppo", "--recipe", recipe("1base-1lora"), *FAST, "-o", "rm-1base-1lora",
+                "--set", "ppo.reward_fn=null", "--set", f"ppo.reward_model={rm_run}",
+                "--set", "data.max_prompt_length=13", cwd=work)
+    assert_ppo_run(work / "rm-1base-1lora", proc)
+    output = (proc.stdout + proc.stderr).splitlines()
+    line = next(line for line in output if line.startswith("data.train:"))
+    assert "prompt longer than max_prompt_length" in line and "dropped" in line and "of 2000 rows" in line
+    assert_adapter_loads(work / "rm-1base-1lora" / "final")
+
+
+BAD_REWARDS = """\
+def raises(prompts, responses):
+    raise ValueError("no score today")
+
+
+def too_few(prompts, responses):
+    return [0.0] * (len(responses) - 1)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("function, text", [
+    ("raises", "raised ValueError: no score today"),
+    ("too_few", "returned 15 scores for 16 responses"),
+])
+def test_bad_reward_function_is_a_user_error(function, text, work):
+    (work / "bad_rewards.py").write_text(BAD_REWARDS)
+    proc = rlhf("ppo", "--recipe", recipe("1base-1lora"), *FAST, "-o", f"bad-{function}",
+                "--set", f"ppo.reward_fn=bad_rewards.py:{function}",
+                "--set", "train.eval_reward_fn=null", cwd=work)
+    assert_user_error(proc, text)
+
+
+@pytest.mark.slow
+def test_rm_from_another_base_is_a_user_error(work, rm_run):
+    base = json.loads((rm_run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    other = work / "other-base"
+    if not other.exists():
+        shutil.copytree(base, other)
+    proc = rlhf("ppo", "--recipe", recipe("1base-2lora"), *FAST, "-o", "bad-base",
+                "--set", f"model.base={other}", "--set", "ppo.reward_fn=null",
+                "--set", f"ppo.reward_model={rm_run}", cwd=work)
+    assert_user_error(proc, "one-base arrangements need the same base")
+    assert not (work / "bad-base" / "final").exists()
+
+
+@pytest.mark.slow
+def test_every_prompt_too_long_is_a_user_error(work):
+    proc = rlhf("ppo", "--recipe", recipe("1base-1lora"), *FAST, "-o", "bad-long",
+                "--set", "data.max_prompt_length=6", cwd=work)
+    assert_user_error(proc, "dropped 2000 of 2000 rows: 2000 prompt longer than max_prompt_length")
