@@ -26,6 +26,7 @@ from ..schema import DPOSection, Recipe
 from .common import policy_model, say, tokenizer_for
 from .rm import load_pairs
 from .saving import save_final_model
+from .scoring import policy_scorer
 
 REFERENCE_FREE = ("simpo", "orpo")
 
@@ -132,12 +133,7 @@ def run_dpo(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dic
         frozen = copy.deepcopy(lm).requires_grad_(False).eval()
     objective = DPOObjective(lm, frozen)
     collate = partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
-    scorer = None
-    if recipe.train.eval_reward_fn:
-        from .scoring import make_task_scorer
-
-        task_scorer = make_task_scorer(recipe, tokenizer, backend)
-        scorer = lambda wrapped: task_scorer(wrapped.lm)  # noqa: E731
+    scorer = policy_scorer(recipe, tokenizer, backend)
     task = StageTask(
         model=objective, train_examples=train_pairs, eval_examples=eval_pairs, collate=collate,
         batch_weight=lambda batch: batch["input_ids"].shape[0] // 2,

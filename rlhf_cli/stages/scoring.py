@@ -61,3 +61,11 @@ def make_task_scorer(recipe: Recipe, tokenizer, backend) -> Callable[[torch.nn.M
         return {"score": sums[0] / len(prompts), "solved": sums[1] / len(prompts)}
 
     return score
+
+
+def policy_scorer(recipe: Recipe, tokenizer, backend) -> Callable[[torch.nn.Module], dict] | None:
+    """Scorer for stage objectives that hold their policy as `.lm`; None when not asked for."""
+    if not recipe.train.eval_reward_fn:
+        return None
+    score = make_task_scorer(recipe, tokenizer, backend)
+    return lambda objective: score(objective.lm)

@@ -22,6 +22,7 @@ from ..models.lm_forward import selected_logits, shifted_targets
 from ..schema import Recipe
 from .common import policy_model, say, tokenizer_for
 from .saving import save_final_model
+from .scoring import policy_scorer
 
 
 class SFTObjective(torch.nn.Module):
@@ -62,12 +63,7 @@ def run_sft(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dic
     eval_examples = (load_examples(recipe, tokenizer, recipe.data.eval, "data.eval", backend)
                      if recipe.data.eval else None)
     lm = policy_model(recipe, announce=backend.is_main)
-    scorer = None
-    if recipe.train.eval_reward_fn:
-        from .scoring import make_task_scorer
-
-        task_scorer = make_task_scorer(recipe, tokenizer, backend)
-        scorer = lambda objective: task_scorer(objective.lm)  # noqa: E731
+    scorer = policy_scorer(recipe, tokenizer, backend)
     task = StageTask(
         model=SFTObjective(lm),
         train_examples=train_examples,
