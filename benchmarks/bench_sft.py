@@ -46,7 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = Path(__file__).resolve().parent / "_trl_sft_runner.py"
-DEFAULT_DATA = Path("/work/shared/data/hh-harmless-dev.jsonl.gz")
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-harmless-dev.jsonl.gz"  # ../shared beside the repo
 ASSISTANT = "\n\nAssistant:"
 OURS_BEGIN = "model: "  # our CLI's line once the model and its adapter are built, before training
 TRL_BEGIN = "TRAIN_BEGIN"  # printed by the trl runner in on_train_begin

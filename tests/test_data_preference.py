@@ -37,7 +37,8 @@ from rlhf_cli.data.sft import IGNORE_INDEX, DropReason
 from rlhf_cli.data.templates import TEMPLATES
 from rlhf_cli.errors import UserError
 
-HH_FILE = Path("/work/shared/data/hh-harmless-dev.jsonl.gz")
+# The shared data lies beside the repository (../shared), as in CI.
+HH_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-harmless-dev.jsonl.gz"
 BOS, EOS, PAD = 1, 2, 3
 ANSWER_TEXT = {"plain": "{}", "alpaca": "{}", "llama2": " {} ", "chatml": "{}<|im_end|>",
                "tokenizer": "{}<|im_end|>"}
