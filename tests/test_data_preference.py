@@ -19,7 +19,6 @@ from rlhf_cli.data.preference import (
     HUMAN,
     PairDrop,
     build_preference_dataset,
-    build_unpaired_dataset,
     hh_conversation,
     hh_split,
     to_preference,
@@ -35,6 +34,7 @@ from rlhf_cli.data.prompt_data import PromptDrop, build_prompt_dataset, to_promp
 from rlhf_cli.data.prompts import prompt_ids_for_generation
 from rlhf_cli.data.sft import IGNORE_INDEX, DropReason
 from rlhf_cli.data.templates import TEMPLATES
+from rlhf_cli.data.unpaired import build_unpaired_dataset
 from rlhf_cli.errors import UserError
 
 # The shared data lies beside the repository (../shared), as in CI.

@@ -237,28 +237,6 @@ def tokenize_pair(prompt_conversation: list[dict], chosen: str, rejected: str, t
     return out
 
 
-def tokenize_completion(prompt_conversation: list[dict], completion: str, tokenizer: Any,
-                        template: Template | str, max_length: int,
-                        max_prompt_length: int | None = None) -> dict | Drop:
-    """`{"input_ids", "labels", "truncated"}` with loss on the final answer only (KTO rows).
-
-    Unlike `tokenize_conversation`, earlier assistant turns are context, as in `tokenize_pair`.
-    """
-    if isinstance(template, str):
-        template = get_template(template)
-    if not completion.strip():
-        return DropReason.EMPTY_RESPONSE
-    (side,) = _encode_sides(prompt_conversation, [completion], tokenizer, template)
-    prompt, responses = _shared_prompt(side, side)
-    fitted = _fit(prompt, responses[:1], ["response"], tokenizer, max_length, max_prompt_length)
-    if not isinstance(fitted, tuple):
-        return fitted
-    prompt, (response,), truncated = fitted
-    return {"input_ids": [t.id for t in prompt + response],
-            "labels": [IGNORE_INDEX] * len(prompt) + [t.id for t in response],
-            "truncated": truncated}
-
-
 def _fit(prompt: list[Token], responses: list[list[Token]], names: list[str], tokenizer: Any,
          max_length: int, max_prompt_length: int | None) -> tuple | DropReason:
     """SFT's truncation on a shared prompt: (prompt, responses, names of the cut parts), or why
@@ -342,48 +320,6 @@ def build_preference_dataset(rows: list[dict], tokenizer: Any, template: str, ma
         report.truncated.update(result.pop("truncated"))
         examples.append({**result, "prompt": prompt_text(conversation), "chosen": chosen,
                          "rejected": rejected})
-    return examples, _finish(report, examples, source)
-
-
-def to_unpaired(row: dict, where: str) -> tuple[list[dict], str, bool] | Drop:
-    """KTO rows `prompt` (or `instruction`), `completion`, `label` -> (conversation, text, label)."""
-    if "completion" not in row or "label" not in row or not ("prompt" in row or "instruction" in row):
-        raise UserError("expected fields 'prompt' (or 'instruction'), 'completion' and 'label'; "
-                        f"this row has: {', '.join(map(repr, row)) or 'no fields'}", where=where)
-    if row["completion"] is None:
-        return PairDrop.MISSING
-    turns, completion = _response(row["completion"], "completion", where)
-    label = row["label"]
-    if isinstance(label, str) and label.strip().lower() in ("true", "false", "1", "0"):
-        label = label.strip().lower() in ("true", "1")  # csv cells are text
-    if label not in (True, False):
-        raise UserError(f"'label' must be true or false, got {label!r}", where=where)
-    if not completion.strip():
-        return DropReason.EMPTY_RESPONSE
-    return turns or prompt_turns(row, where), completion, bool(label)
-
-
-def build_unpaired_dataset(rows: list[dict], tokenizer: Any, template: str, max_length: int,
-                           max_prompt_length: int | None, source: str
-                           ) -> tuple[list[dict], DropReport]:
-    """KTO examples `{"input_ids", "labels", "label", "prompt", "completion"}` and a DropReport."""
-    _check_lengths(max_length, max_prompt_length)
-    template_obj = get_template(template)  # an unknown name fails before any row is read
-    examples, report = [], DropReport(total=len(rows))
-    for where, row in located_rows(rows, source):
-        item = to_unpaired(row, where)
-        if not isinstance(item, tuple):
-            report.dropped[item] += 1
-            continue
-        conversation, completion, label = item
-        result = with_location(where, tokenize_completion, conversation, completion, tokenizer,
-                               template_obj, max_length, max_prompt_length)
-        if not isinstance(result, dict):
-            report.dropped[result] += 1
-            continue
-        report.truncated.update(result.pop("truncated"))
-        examples.append({**result, "label": label, "prompt": prompt_text(conversation),
-                         "completion": completion})
     return examples, _finish(report, examples, source)
 
 
