@@ -18,6 +18,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto")
 PPO_ARRANGEMENTS = ("separate", "2base-2lora", "1base-2lora", "1base-1lora")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# gae trains a critic; the others are critic-free (no value head, no value loss).
+PPO_ADVANTAGES = ("gae", "grpo", "rloo", "reinforce_pp")
 
 
 @dataclass
@@ -105,6 +107,9 @@ class DPOSection:
     simpo_gamma: float = 0.5
     orpo_lambda: float = 0.1
     precompute_ref: bool = False
+    # KTO's λ_D and λ_U; the paper keeps λ_D·n_D / (λ_U·n_U) within [1, 4/3].
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
 
 
 @dataclass
@@ -134,7 +139,16 @@ class PPOSection:
     normalize_reward: bool = False
     no_eos_penalty: float = -1.0
     critic_warmup_steps: int = 0
+    # Advantage estimator: gae (critic + value head) or critic-free grpo, rloo, reinforce_pp.
+    advantage: str = "gae"
+    # Responses sampled per prompt (each prompt repeated); grpo and rloo need >= 2.
+    samples_per_prompt: int = 1
+    # InstructGPT's PPO-ptx: + ptx_coef x the SFT loss on ppo.ptx_data (SFT rows).
     ptx_coef: float = 0.0
+    ptx_data: str | None = None
+    ptx_batch_size: int | None = None  # SFT rows per update; default ppo.mini_batch_size
+    # EMA of the actor's trainable weights, updated after every optimizer step; final/ holds it.
+    ema_decay: float | None = None
 
 
 @dataclass
@@ -174,6 +188,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dpo.loss_type": DPO_LOSS_TYPES,
     "ppo.arrangement": PPO_ARRANGEMENTS,
     "ppo.kl_estimator": KL_ESTIMATORS,
+    "ppo.advantage": PPO_ADVANTAGES,
     "launch.launcher": LAUNCHERS,
     "launch.mixed_precision": MIXED_PRECISION,
 }
@@ -202,11 +217,17 @@ BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("train.eval_num_prompts", 1, True),
     ("train.eval_max_new_tokens", 1, True),
     ("dpo.beta", 0, False),
+    ("dpo.kto_desirable_weight", 0, False),
+    ("dpo.kto_undesirable_weight", 0, False),
     ("ppo.ppo_epochs", 1, True),
     ("ppo.rollout_batch_size", 1, True),
     ("ppo.mini_batch_size", 1, True),
     ("ppo.max_new_tokens", 1, True),
     ("ppo.temperature", 0, False),
+    ("ppo.samples_per_prompt", 1, True),
+    ("ppo.ptx_coef", 0, True),
+    ("ppo.ptx_batch_size", 1, True),
+    ("ppo.ema_decay", 0, False),
     ("launch.num_processes", 1, True),
     ("launch.num_machines", 1, True),
     ("launch.machine_rank", 0, True),

@@ -89,6 +89,9 @@ class StageTask:
     title: str = "train"
     weight_name: str = "tokens"  # what batch_weight counts, for the throughput metric
     extra_params: list = field(default_factory=list)
+    # Turns the logged means into the reported metrics, e.g. ratios of two summed parts whose
+    # denominators are not the batch weight (KTO's means over desirable examples only).
+    finish_metrics: Callable[[dict], dict] | None = None
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -220,6 +223,8 @@ class Trainer:
             totals = self._global_sum([loss_sum, weight] + [metric_sums[k] for k in keys])
             row["loss"] = totals[0] / max(totals[1], 1.0)
             row.update({k: v / max(totals[1], 1.0) for k, v in zip(keys, totals[2:], strict=True)})
+            if task.finish_metrics is not None:
+                row = task.finish_metrics(row)
         if task.evaluate_extra is not None:
             row.update(task.evaluate_extra(backend.unwrap(self.model)))
         if row:
@@ -231,6 +236,8 @@ class Trainer:
     # -------------------------------------------------------------------- run
     def _log(self, step: int, progress: TrainingProgress):
         means = self.window.means()
+        if self.task.finish_metrics is not None:
+            means = self.task.finish_metrics(means)
         rate = self._window_weight / max(self._window_seconds, 1e-9)
         row = {"step": step, "epoch": round(self.batches.epoch_of(step), 4), **means,
                f"{self.task.weight_name}_per_sec": rate}

@@ -19,15 +19,60 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(dim=1)
 
 
-def score_sequences(model, input_ids, attention_mask) -> torch.Tensor:
-    """Scalar reward per row [B] from the head applied to the last real token's state."""
-    lm = inner_causal_lm(model)
-    hidden = decoder_of(lm)(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids_from(attention_mask),
-                            use_cache=False).last_hidden_state
+def decoder_states(model, input_ids, attention_mask) -> torch.Tensor:
+    """The body's last hidden states [B, T, H] (positions counted over real tokens)."""
+    return decoder_of(inner_causal_lm(model))(
+        input_ids=input_ids, attention_mask=attention_mask,
+        position_ids=position_ids_from(attention_mask), use_cache=False).last_hidden_state
+
+
+def scores_from_states(model, hidden: torch.Tensor, attention_mask) -> torch.Tensor:
+    """Scalar reward per row [B]: the score head on the last real token's state."""
     last = last_token_index(attention_mask)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return lm.score(picked).squeeze(-1).float()
+    return inner_causal_lm(model).score(picked).squeeze(-1).float()
+
+
+def score_sequences(model, input_ids, attention_mask) -> torch.Tensor:
+    """Scalar reward per row [B] from the head applied to the last real token's state."""
+    return scores_from_states(model, decoder_states(model, input_ids, attention_mask), attention_mask)
+
+
+def _checkpoint_file(source: str, name: str) -> str | None:
+    """A file of a local model directory or of a hub model (from the cache when offline)."""
+    from transformers.utils import cached_file
+
+    try:
+        return cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return None
+
+
+def base_lm_head(source: str, lm) -> torch.Tensor:
+    """The base model's output embedding [V, H] (frozen), which a sequence classifier drops.
+
+    Tied models reuse the input embedding; otherwise `lm_head.weight` is read from the
+    base's safetensors files, without loading a second model.
+    """
+    if getattr(lm.config, "tie_word_embeddings", False):
+        return lm.get_input_embeddings().weight.detach()
+    from safetensors import safe_open
+
+    index = _checkpoint_file(source, "model.safetensors.index.json")
+    if index is not None:
+        import json
+        from pathlib import Path
+
+        name = json.loads(Path(index).read_text())["weight_map"].get("lm_head.weight")
+        file = _checkpoint_file(source, name) if name else None
+    else:
+        file = _checkpoint_file(source, "model.safetensors")
+    if file is not None:
+        with safe_open(file, framework="pt") as handle:
+            if "lm_head.weight" in handle.keys():
+                return handle.get_tensor("lm_head.weight")
+    raise UserError(f"rm.lm_loss_weight needs the base's LM head (lm_head.weight), not found in {source}; "
+                    "set rm.lm_loss_weight to 0", where="rm.lm_loss_weight")
 
 
 def load_sequence_classifier(section: ModelSection, source: str, pad_token_id: int):

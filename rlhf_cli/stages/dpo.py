@@ -20,10 +20,10 @@ from ..data.collate import pad_pairs
 from ..engine.loop import StageTask, Trainer
 from ..engine.plots import plot_run
 from ..engine.run_dir import FINAL
-from ..errors import UserError
 from ..models.lm_forward import sequence_logprobs
 from ..schema import DPOSection, Recipe
 from .common import policy_model, say, tokenizer_for
+from .kto import kto_parts
 from .rm import load_pairs
 from .saving import save_final_model
 from .scoring import policy_scorer
@@ -118,28 +118,31 @@ def precompute_reference(objective: DPOObjective, examples: list[dict], collate,
         examples[index]["ref_rejected_logps"] = rejected
 
 
+def _pair_parts(recipe: Recipe, tokenizer, backend) -> dict:
+    """Pairs, collate, weight and loss of the paired losses, for the shared loop."""
+    data = recipe.data
+    return {
+        "train_examples": load_pairs(recipe, tokenizer, data.train, "data.train", backend),
+        "eval_examples": (load_pairs(recipe, tokenizer, data.eval, "data.eval", backend)
+                          if data.eval else None),
+        "collate": partial(collate_pairs, pad_token_id=tokenizer.pad_token_id),
+        "batch_weight": lambda batch: batch["input_ids"].shape[0] // 2,
+        "loss_fn": partial(dpo_step_loss, cfg=recipe.dpo),
+        "weight_name": "pairs",
+    }
+
+
 def run_dpo(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dict:
     cfg = recipe.dpo
-    if cfg.loss_type == "kto":
-        raise UserError("dpo.loss_type kto needs unpaired data, which is not supported yet",
-                        where="dpo.loss_type")
     tokenizer = tokenizer_for(recipe)
-    train_pairs = load_pairs(recipe, tokenizer, recipe.data.train, "data.train", backend)
-    eval_pairs = (load_pairs(recipe, tokenizer, recipe.data.eval, "data.eval", backend)
-                  if recipe.data.eval else None)
+    parts = (kto_parts if cfg.loss_type == "kto" else _pair_parts)(recipe, tokenizer, backend)
     lm = policy_model(recipe, announce=backend.is_main)
     frozen = None
     if recipe.model.lora is None and cfg.loss_type not in REFERENCE_FREE and not cfg.precompute_ref:
         frozen = copy.deepcopy(lm).requires_grad_(False).eval()
-    objective = DPOObjective(lm, frozen)
-    collate = partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
-    scorer = policy_scorer(recipe, tokenizer, backend)
-    task = StageTask(
-        model=objective, train_examples=train_pairs, eval_examples=eval_pairs, collate=collate,
-        batch_weight=lambda batch: batch["input_ids"].shape[0] // 2,
-        loss_fn=partial(dpo_step_loss, cfg=cfg), evaluate_extra=scorer, title=f"dpo ({cfg.loss_type})",
-        weight_name="pairs",
-    )
+    task = StageTask(model=DPOObjective(lm, frozen), evaluate_extra=policy_scorer(recipe, tokenizer, backend),
+                     title=f"dpo ({cfg.loss_type})", **parts)
+    train_pairs, eval_pairs, collate = parts["train_examples"], parts["eval_examples"], parts["collate"]
     trainer = Trainer(recipe, task, backend, run_dir)
     if cfg.precompute_ref and cfg.loss_type not in REFERENCE_FREE:
         size = recipe.train.eval_batch_size or recipe.train.batch_size

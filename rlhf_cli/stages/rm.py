@@ -1,6 +1,9 @@
 """Reward model: a scalar head on the last real token, trained on preference pairs.
 
-loss = −log σ(r(x, y_w) − r(x, y_l) − margin) + λ·(r_w + r_l)², averaged over pairs.
+loss = −log σ(r(x, y_w) − r(x, y_l) − margin) + λ·(r_w + r_l)² + μ·NLL(y_w), averaged over
+pairs; NLL(y_w) is the chosen response's mean token loss under the base's own (frozen) LM
+head on the RM's hidden states (`rm.lm_loss_weight` = μ), which keeps the body a language
+model while it learns to score.
 The eval set's reward mean and std are stored with the model (`reward_stats.json`) so
 that PPO can normalise scores.
 """
@@ -21,9 +24,9 @@ from ..data.sources import load_source
 from ..engine.loop import StageTask, Trainer
 from ..engine.plots import plot_run
 from ..engine.run_dir import FINAL
-from ..errors import UserError
+from ..models.lm_forward import inner_causal_lm, shifted_targets, token_logprobs
 from ..models.loading import add_lora, count_parameters, resolve_base
-from ..models.reward import load_sequence_classifier, score_sequences
+from ..models.reward import base_lm_head, decoder_states, load_sequence_classifier, scores_from_states
 from ..schema import Recipe
 from .common import say, tokenizer_for
 from .saving import save_final_model
@@ -32,14 +35,33 @@ REWARD_STATS = "reward_stats.json"
 
 
 class RewardObjective(torch.nn.Module):
-    """One forward over chosen and rejected rows together; returns rewards [2B]."""
+    """One forward over chosen and rejected rows together: rewards [2B] (and, with an LM head,
+    the mean token NLL of each row's labelled tokens [2B])."""
 
-    def __init__(self, model):
+    def __init__(self, model, lm_head: torch.Tensor | None = None):
         super().__init__()
         self.rm = model
+        # Frozen, never saved, and not a buffer: DDP would broadcast a buffer at every forward.
+        self.lm_head = lm_head
 
-    def forward(self, input_ids, attention_mask):
-        return score_sequences(self.rm, input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask, labels=None):
+        hidden = decoder_states(self.rm, input_ids, attention_mask)
+        rewards = scores_from_states(self.rm, hidden, attention_mask)
+        if labels is None or self.lm_head is None:
+            return rewards, None
+        if self.lm_head.device != hidden.device:
+            self.lm_head = self.lm_head.to(hidden.device)
+        return rewards, response_nll(hidden, input_ids, labels, self.lm_head)
+
+
+def response_nll(hidden, input_ids, labels, lm_head: torch.Tensor) -> torch.Tensor:
+    """Mean NLL per row [B] of the labelled tokens, with logits only where there are labels."""
+    targets, mask = shifted_targets(input_ids, labels)
+    logits = hidden[:, :-1][mask] @ lm_head.to(hidden.dtype).T
+    per_token = -token_logprobs(logits, targets[mask])
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(input_ids.shape[0], dtype=per_token.dtype, device=per_token.device)
+    return sums.index_add(0, rows, per_token) / mask.sum(dim=1).clamp(min=1)
 
 
 def pair_count(batch: dict) -> int:
@@ -51,9 +73,16 @@ def split_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rewards[:half], rewards[half:]
 
 
-def rm_loss(model, batch, *, margin: float, center_weight: float):
-    chosen, rejected = split_pairs(model(batch["input_ids"], batch["attention_mask"]))
+def rm_loss(model, batch, *, margin: float, center_weight: float, lm_loss_weight: float = 0.0):
+    labels = batch["labels"] if lm_loss_weight else None
+    rewards, nll = model(batch["input_ids"], batch["attention_mask"], labels)
+    chosen, rejected = split_pairs(rewards)
     losses = pairwise_reward_loss(chosen, rejected, margin=margin, center_weight=center_weight)
+    lm_metrics = {}
+    if nll is not None:
+        chosen_nll = split_pairs(nll)[0]
+        losses = losses + lm_loss_weight * chosen_nll
+        lm_metrics["lm_loss"] = float(chosen_nll.detach().sum())
     chosen, rejected = chosen.detach(), rejected.detach()
     detached = torch.cat([chosen, rejected])
     metrics = {
@@ -64,6 +93,7 @@ def rm_loss(model, batch, *, margin: float, center_weight: float):
         # Per pair: the mean of its two rewards and of their squares, for the std.
         "reward_mean": float(detached.sum() / 2),
         "reward_sq": float((detached ** 2).sum() / 2),
+        **lm_metrics,
     }
     return losses.sum(), metrics
 
@@ -101,21 +131,21 @@ def reward_stats(row: dict, source: str) -> dict:
 
 
 def run_rm(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dict:
-    if recipe.rm.lm_loss_weight:
-        raise UserError("rm.lm_loss_weight is not supported yet (the reward model has no LM head)",
-                        where="rm.lm_loss_weight")
     tokenizer = tokenizer_for(recipe)
     train_pairs = load_pairs(recipe, tokenizer, recipe.data.train, "data.train", backend)
     eval_pairs = (load_pairs(recipe, tokenizer, recipe.data.eval, "data.eval", backend)
                   if recipe.data.eval else None)
     model = reward_model(recipe, tokenizer, backend.is_main)
+    lm_head = (base_lm_head(resolve_base(recipe.model.base), inner_causal_lm(model))
+               if recipe.rm.lm_loss_weight else None)
     task = StageTask(
-        model=RewardObjective(model),
+        model=RewardObjective(model, lm_head),
         train_examples=train_pairs,
         eval_examples=eval_pairs,
         collate=partial(pad_pairs, pad_token_id=tokenizer.pad_token_id),
         batch_weight=pair_count,
-        loss_fn=partial(rm_loss, margin=recipe.rm.margin, center_weight=recipe.rm.center_weight),
+        loss_fn=partial(rm_loss, margin=recipe.rm.margin, center_weight=recipe.rm.center_weight,
+                        lm_loss_weight=recipe.rm.lm_loss_weight),
         title="rm",
         weight_name="pairs",
     )
