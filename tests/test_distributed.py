@@ -215,3 +215,32 @@ def test_deepspeed_config_takes_the_recipes_values(tmp_path):
     ds.write_text(json.dumps({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}))
     with pytest.raises(UserError, match="scheduler"):
         deepspeed_config(recipe, world_size=2)
+
+
+def test_deepspeeds_own_optimizer_keeps_each_groups_learning_rate(monkeypatch):
+    """With an "optimizer" section DeepSpeed builds the optimizer from our param groups: PPO's
+    critic group must keep its own rate (ppo.critic_lr_ratio), not fall back to the config's."""
+    import deepspeed
+    import torch
+
+    from rlhf_cli.engine.deepspeed_backend import DeepSpeedBackend
+
+    captured = {}
+
+    class Engine:
+        basic_optimizer = module = None
+
+    def initialize(**kwargs):
+        captured.update(kwargs)
+        return Engine(), None, None, None
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    backend = object.__new__(DeepSpeedBackend)
+    backend.config = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}
+    actor, critic = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([{"params": [actor], "lr": 1e-4},
+                                   {"params": [critic], "lr": 5e-4, "weight_decay": 0.0}])
+    backend.prepare(torch.nn.Linear(1, 1), optimizer)
+    groups = captured["model_parameters"]
+    assert [g["lr"] for g in groups] == [1e-4, 5e-4]
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0]

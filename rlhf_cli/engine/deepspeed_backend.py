@@ -179,8 +179,9 @@ class DeepSpeedBackend(Backend):
 
         if "optimizer" in self.config:
             # DeepSpeed builds the optimizer from the config; keep the loop's param
-            # groups (no weight decay on biases and norms).
-            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+            # groups: their weight decay (none on biases and norms) and their own learning
+            # rates (PPO's critic group runs at ppo.critic_lr_ratio times the actor's).
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": g["lr"]}
                       for g in optimizer.param_groups]
             self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
                                                    config=self.config)
