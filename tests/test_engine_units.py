@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,8 @@ from rlhf_cli.engine.optim import lr_factor
 from rlhf_cli.errors import UserError
 from rlhf_cli.launcher import needs_launcher, worker_argv
 from rlhf_cli.schema import LaunchSection
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_warmup_then_cosine():
@@ -74,3 +77,34 @@ def test_launcher_argv():
     assert "accelerate.commands.launch" in argv and "bf16" in argv
     ds = LaunchSection(deepspeed="recipes/deepspeed/zero2.json")
     assert "torch.distributed.run" in worker_argv(ds, "r.yaml", resume=False)
+
+
+def test_gradient_checkpointing_recomputes_the_same_lora_gradients(rlhf_home):
+    """Checkpointing trades memory for a second forward; losses and LoRA gradients stay equal."""
+    import torch
+
+    from rlhf_cli.config import load_recipe
+    from rlhf_cli.models.lm_forward import sequence_logprobs
+    from rlhf_cli.stages.common import policy_model
+
+    ids = torch.tensor([[1, 40, 41, 42, 43, 2], [1, 50, 51, 2, 3, 3]])
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+
+    def loss_and_grads(checkpointing: bool):
+        recipe = load_recipe(REPO / "recipes" / "tiny-sft.yaml",
+                             [f"model.gradient_checkpointing={checkpointing}", "model.lora.dropout=0.0"])
+        torch.manual_seed(0)
+        model = policy_model(recipe, announce=False).train()
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
+        loss = -sequence_logprobs(model, ids, mask, labels)[0].sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.item(), grads
+
+    loss_plain, plain = loss_and_grads(False)
+    loss_ckpt, ckpt = loss_and_grads(True)
+    assert loss_ckpt == loss_plain
+    assert plain.keys() == ckpt.keys() and any(g.abs().sum() > 0 for g in plain.values())
+    for name, grad in plain.items():
+        torch.testing.assert_close(ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -92,7 +92,11 @@ def load_causal_lm(section: ModelSection, source: str | None = None):
 def enable_gradient_checkpointing(model) -> None:
     # Non-reentrant checkpointing works with frozen inputs (LoRA) without the
     # enable_input_require_grads hack, and with DDP without find_unused_parameters.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
 
 
