@@ -11,7 +11,8 @@ A user error inside a worker (bad data, say) must still end `rlhf` with status 2
 `error:` line, but torchrun turns any failed worker into exit 1 and a ChildFailedError
 traceback. So workers write the message to the file named by $RLHF_ERROR_FILE, the parent
 prints it, and `run` starts torchrun through `torchrun_main` below: torchrun itself, except
-that a failed worker is reported in one line instead of its traceback.
+that a failed worker is reported in one line instead of its traceback (`accelerate_main`
+does the same for `accelerate launch`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from .schema import LaunchSection
 
 WORKER_MODULE = "rlhf_cli.worker"
 TORCHRUN_MODULE = "torch.distributed.run"
-LAUNCHER_MODULE = "rlhf_cli.launcher"  # torchrun_main below
+ACCELERATE_MODULE = "accelerate.commands.launch"
+LAUNCHER_MODULE = "rlhf_cli.launcher"  # torchrun_main / accelerate_main below
+ACCELERATE_FLAG = "--through-accelerate"
 # Where a worker writes a user error's message for the parent to print (first rank wins).
 ERROR_FILE_ENV = "RLHF_ERROR_FILE"
 
@@ -60,7 +63,7 @@ def _torchrun_argv(launch: LaunchSection) -> list[str]:
 
 def _accelerate_argv(launch: LaunchSection) -> list[str]:
     argv = [
-        sys.executable, "-m", "accelerate.commands.launch",
+        sys.executable, "-m", ACCELERATE_MODULE,
         "--num_processes", str(launch.num_processes * launch.num_machines),
         "--num_machines", str(launch.num_machines),
         "--mixed_precision", launch.mixed_precision,
@@ -117,9 +120,12 @@ def _nproc(argv: list[str]) -> int:
 
 
 def _through_quiet_torchrun(argv: list[str]) -> list[str]:
-    """`python -m torch.distributed.run ARGS` -> `python -m rlhf_cli.launcher ARGS`."""
+    """`python -m torch.distributed.run ARGS` -> `python -m rlhf_cli.launcher ARGS`, and
+    `python -m accelerate.commands.launch ARGS` -> `... rlhf_cli.launcher --through-accelerate ARGS`."""
     if argv[1:3] == ["-m", TORCHRUN_MODULE]:
         return [argv[0], "-m", LAUNCHER_MODULE, *argv[3:]]
+    if argv[1:3] == ["-m", ACCELERATE_MODULE]:
+        return [argv[0], "-m", LAUNCHER_MODULE, ACCELERATE_FLAG, *argv[3:]]
     return argv
 
 
@@ -135,6 +141,29 @@ def torchrun_main(args: list[str]) -> int:
     except ChildFailedError as exc:
         return _report_failure(exc)
     except SignalException as exc:  # Ctrl-C or a kill of the launcher: workers are stopped
+        print(f"rlhf: stopped by {exc.sigval.name}", file=sys.stderr)
+        return 128 + int(exc.sigval)
+    return 0
+
+
+def accelerate_main(args: list[str]) -> int:
+    """`accelerate launch` with the same readable failures as `torchrun_main`."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    _quiet_elastic_logging()
+    try:
+        launch_command(launch_command_parser().parse_args(args))
+    except ChildFailedError as exc:  # several processes: accelerate runs torchrun's agent
+        return _report_failure(exc)
+    except subprocess.CalledProcessError as exc:  # one process: accelerate runs it directly
+        if exc.returncode == EXIT_USER_ERROR:
+            return EXIT_USER_ERROR
+        print(f"rlhf: the worker failed with exit status {exc.returncode}; its traceback is above",
+              file=sys.stderr)
+        return 1
+    except SignalException as exc:
         print(f"rlhf: stopped by {exc.sigval.name}", file=sys.stderr)
         return 128 + int(exc.sigval)
     return 0
@@ -164,4 +193,6 @@ def _report_failure(exc) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == [ACCELERATE_FLAG]:
+        sys.exit(accelerate_main(sys.argv[2:]))
     sys.exit(torchrun_main(sys.argv[1:]))

@@ -180,10 +180,12 @@ def test_zero3_full_fine_tuning_saves_a_whole_model(runs):
 
 
 @two_ranks
-def test_user_error_in_workers_is_one_line_and_status_2(runs, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_user_error_in_workers_is_one_line_and_status_2(runs, tmp_path, launcher):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{not json\n')
-    done = rlhf(runs / "bad", *two_processes(f"data.train={bad}", "data.eval=null"), check=False)
+    done = rlhf(runs / f"bad-{launcher}", *two_processes(f"data.train={bad}", "data.eval=null",
+                                                         f"launch.launcher={launcher}"), check=False)
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "bad.jsonl:2" in errors[0]
