@@ -23,6 +23,12 @@ def show_dry_run(recipe: Recipe, resume: bool = False) -> None:
     argv = launcher.worker_argv(recipe.launch, str(Path(recipe.output_dir) / RECIPE), resume=resume)
     out.rule("launch command")
     out.print(launcher.format_argv(argv), highlight=False, soft_wrap=True)
+    if recipe.stage == "ppo":
+        from .stages.ppo.plan import ppo_plan
+
+        out.rule("ppo")
+        for line in ppo_plan(recipe):
+            out.print(line, highlight=False, soft_wrap=True)
     out.rule("first training example")
     show_preview(recipe, n=1, as_json=False)
 
@@ -54,6 +60,19 @@ def _preference_examples(recipe: Recipe, tokenizer, n: int) -> list[dict]:
     return examples[:n]
 
 
+def _unpaired_examples(recipe: Recipe, tokenizer, n: int) -> list[dict] | None:
+    """KTO's unpaired rows (`prompt`/`completion`/`label`), or None for paired data."""
+    from .data.unpaired import build_unpaired_dataset
+    from .stages.kto import is_unpaired
+
+    rows = _rows(recipe, "preference", n)
+    if recipe.stage != "dpo" or recipe.dpo.loss_type != "kto" or not is_unpaired(rows):
+        return None
+    examples, _ = build_unpaired_dataset(rows, tokenizer, recipe.data.template, recipe.data.max_length,
+                                         recipe.data.max_prompt_length, source=recipe.data.train)
+    return examples[:n]
+
+
 def _prompt_examples(recipe: Recipe, tokenizer, n: int) -> list[dict]:
     from .data.prompt_data import build_prompt_dataset
 
@@ -71,7 +90,8 @@ def show_preview(recipe: Recipe, n: int, as_json: bool) -> None:
     """The first n training examples of the recipe's stage, as rich panels or JSON lines.
 
     JSON (DESIGN.md): sft `input_ids`/`labels`; rm and dpo `prompt`, `chosen`, `rejected`
-    and `{chosen,rejected}_{input_ids,labels}`; ppo `prompt` and `prompt_input_ids`.
+    and `{chosen,rejected}_{input_ids,labels}`; ppo `prompt` and `prompt_input_ids`; KTO's
+    unpaired rows as sft's plus `label`.
     """
     from .data import preview
     from .stages.common import tokenizer_for
@@ -82,6 +102,13 @@ def show_preview(recipe: Recipe, n: int, as_json: bool) -> None:
         if as_json:
             return _emit_json(preview.preview_sft(examples, tokenizer, n))
         return out.print(preview.render_preview_rich(examples, tokenizer, n))
+    unpaired = _unpaired_examples(recipe, tokenizer, n) if recipe.stage == "dpo" else None
+    if unpaired is not None:  # KTO rows: one completion each, shown like SFT examples
+        if as_json:
+            items = preview.preview_sft(unpaired, tokenizer, n)
+            labelled = zip(items, unpaired, strict=True)
+            return _emit_json([{**item, "label": example["label"]} for item, example in labelled])
+        return out.print(preview.render_preview_rich(unpaired, tokenizer, n))
     if recipe.stage in ("rm", "dpo"):
         examples = _preference_examples(recipe, tokenizer, n)
         if as_json:

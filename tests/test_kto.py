@@ -146,7 +146,8 @@ def test_kto_on_unpaired_rows(rlhf_home, tmp_path):
     data = tmp_path / "kto.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = rlhf("dpo", "--recipe", str(DPO_RECIPE), *FAST, "--set", f"data.train={data}",
-                "--set", "data.eval=null", "--set", "train.eval_every=null", "--set", "train.max_steps=3", "--set", "train.batch_size=3",
+                "--set", "data.eval=null", "--set", "train.eval_every=null",
+                "--set", "train.max_steps=3", "--set", "train.batch_size=3",
                 "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "kept all 6 rows" in proc.stdout + proc.stderr
@@ -161,3 +162,14 @@ def test_kto_refuses_what_it_cannot_do(rlhf_home, tmp_path, override, key):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and key in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_preview_of_unpaired_rows_shows_the_completion_and_its_label(rlhf_home, tmp_path):
+    data = tmp_path / "kto.jsonl"
+    data.write_text(json.dumps({"prompt": "sort: cba", "completion": " abc", "label": True}) + "\n"
+                    + json.dumps({"prompt": "sort: fed", "completion": " fed", "label": False}) + "\n")
+    proc = rlhf("preview", "--recipe", str(DPO_RECIPE), "--set", "dpo.loss_type=kto",
+                "--set", f"data.train={data}", "--n", "2", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    items = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(i["loss_text"], i["label"]) for i in items] == [(" abc</s>", True), (" fed</s>", False)]

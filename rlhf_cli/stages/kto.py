@@ -51,7 +51,7 @@ class UnpairedView(Sequence):
                 "label": side == "chosen"}
 
 
-def _is_unpaired(rows) -> bool:
+def is_unpaired(rows) -> bool:
     first = rows[0] if len(rows) else {}
     return isinstance(first, dict) and "completion" in first and "label" in first
 
@@ -60,7 +60,7 @@ def load_unpaired(recipe: Recipe, tokenizer, spec: str, key: str, backend):
     """Unpaired examples `{"input_ids", "labels", "label"}` from either data format."""
     data = recipe.data
     rows = load_source(spec, "preference", key=key)
-    if not _is_unpaired(rows):
+    if not is_unpaired(rows):
         pairs = load_pairs(recipe, tokenizer, spec, key, backend)
         say(backend, f"{key}: {len(pairs)} pairs used as {2 * len(pairs)} unpaired examples "
                      "(chosen: desirable, rejected: undesirable)")
