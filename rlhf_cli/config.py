@@ -248,6 +248,31 @@ def _cross_checks(recipe: Recipe, loc: _Located) -> None:
         raise UserError(
             "needs evaluation prompts: set `data.eval`", where=loc.where("train.eval_reward_fn")
         )
+    if recipe.stage == "ppo":
+        _ppo_checks(recipe, loc)
+
+
+def _ppo_checks(recipe: Recipe, loc: _Located) -> None:
+    ppo = recipe.ppo
+    if ppo.advantage in ("grpo", "rloo") and ppo.samples_per_prompt < 2:
+        raise UserError(f"{ppo.advantage} compares several samples of each prompt: set it to 2 or more",
+                        where=loc.where("ppo.samples_per_prompt"))
+    critic_free = ppo.advantage != "gae"
+    if critic_free and ppo.arrangement == "1base-2lora":
+        raise UserError(f"ppo.advantage {ppo.advantage} trains no critic, and 1base-2lora's second "
+                        "adapter is the critic: use 1base-1lora", where=loc.where("ppo.arrangement"))
+    if critic_free and ppo.arrangement == "2base-2lora" and not ppo.reward_model:
+        raise UserError(f"ppo.advantage {ppo.advantage} trains no critic, and with a reward function "
+                        "2base-2lora's second base would hold nothing: use 1base-1lora",
+                        where=loc.where("ppo.arrangement"))
+    if critic_free and ppo.critic_warmup_steps:
+        raise UserError(f"ppo.advantage {ppo.advantage} trains no critic to warm up: set it to 0",
+                        where=loc.where("ppo.critic_warmup_steps"))
+    if ppo.ptx_coef > 0 and not ppo.ptx_data:
+        raise UserError("needs SFT data for the ptx loss: set `ppo.ptx_data`",
+                        where=loc.where("ppo.ptx_coef"))
+    if ppo.ema_decay is not None and ppo.ema_decay >= 1:
+        raise UserError(f"must be below 1, got {ppo.ema_decay}", where=loc.where("ppo.ema_decay"))
 
 
 # ------------------------------------------------------------------------ API
@@ -296,7 +321,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, stage: str | Non
 # Keys that may name local files; stored absolute so that a run's recipe.yaml works from
 # any directory (resume, merge, re-run).
 _PATH_KEYS = ("model.base", "model.tokenizer", "data.train", "data.eval", "launch.deepspeed",
-              "ppo.reward_model")
+              "ppo.reward_model", "ppo.ptx_data")
 _FUNCTION_KEYS = ("train.eval_reward_fn", "ppo.reward_fn")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -26,8 +27,8 @@ from rlhf_cli.stages.ppo.adapters import CRITIC, REWARD, active_adapters, adapte
 from rlhf_cli.stages.ppo.build import build_arrangement
 from rlhf_cli.stages.ppo.experience import build_experience
 from rlhf_cli.stages.ppo.heads import hidden_states, response_states, token_logprobs_and_entropy
+from rlhf_cli.stages.ppo.optim import ppo_optimizer
 from rlhf_cli.stages.ppo.rollout import response_mask_of, sample
-from rlhf_cli.stages.ppo.run import _optimizer
 from rlhf_cli.stages.ppo.update import ppo_update
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,6 +110,7 @@ class OneProcess:
     """The slice of the engine's Backend that PPO's update uses, for one process."""
 
     world_size, rank, is_main, device = 1, 0, True, torch.device("cpu")
+    can_skip_steps, skipped_step = True, False
 
     def __init__(self, model, optimizer):
         self.model, self.optimizer = model, optimizer
@@ -121,10 +123,15 @@ class OneProcess:
 
     def optimizer_step(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        self.optimizer.step()
+        norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        self.skipped_step = not math.isfinite(norm)
+        if not self.skipped_step:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     def all_reduce_sum(self, value):
         return value
@@ -203,7 +210,7 @@ def test_update_trains_actor_and_critic_only(kind, rm_run):
     scores = arrangement.reward_scores(ro.input_ids, ro.attention_mask)
     reference = arrangement.reference_logprobs(*args)
 
-    optimizer = _optimizer(arrangement, recipe)
+    optimizer = ppo_optimizer(arrangement, recipe)
     backend = OneProcess(arrangement, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     for iteration in range(2):  # the second one sees non-zero LoRA B, so every LoRA A moves too
@@ -223,6 +230,81 @@ def test_update_trains_actor_and_critic_only(kind, rm_run):
     new_experience = build_experience(arrangement, ro, scores, recipe.ppo, 0.05, backend, None)
     assert new_experience.kl_per_response.abs().sum() > 0
     assert not torch.equal(new_experience.old_values, experience.old_values)
+
+
+# ------------------------------------------------------------ critic-free estimators
+
+
+@pytest.mark.parametrize("kind", ["1base-1lora", "2base-2lora", "separate"])
+def test_critic_free_arrangements_train_the_actor_alone(kind, rm_run):
+    recipe = ppo_recipe(kind, rm_run, "ppo.advantage=grpo", "ppo.samples_per_prompt=2")
+    tokenizer = tokenizer_for(recipe)
+    arrangement = build_arrangement(recipe, tokenizer)
+    # No value head, no critic adapter or model, one optimizer group.
+    assert trainable_groups(arrangement) == {"actor/default"}
+    assert arrangement.value_head is None and not arrangement.has_critic
+    names = [name for name, _ in arrangement.named_parameters()]
+    assert not any(f".{CRITIC}." in n or n.startswith(("critic.", "value_head")) for n in names)
+    optimizer = ppo_optimizer(arrangement, recipe)
+    assert len(optimizer.param_groups) == 1
+
+    ro = rollout_of(arrangement, recipe, tokenizer)
+    args = (ro.input_ids, ro.attention_mask, ro.prompt_width, ro.tokens)
+    reference = arrangement.reference_logprobs(*args)
+    assert torch.equal(reference, base_logprobs(recipe, ro))
+    arrangement.eval()
+    with torch.no_grad():
+        logp, values, _ = arrangement(*args)
+    assert torch.equal(logp, reference) and values is None
+    scores = arrangement.reward_scores(ro.input_ids, ro.attention_mask)
+    torch.testing.assert_close(scores, rm_own_scores(rm_run, ro.input_ids, ro.attention_mask),
+                               rtol=0, atol=1e-6)
+
+    before = {n: p.detach().clone() for n, p in arrangement.named_parameters()}
+    backend = OneProcess(arrangement, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    experience = build_experience(arrangement, ro, scores, recipe.ppo, 0.05, backend, None)
+    assert experience.old_values is None and experience.advantages.abs().sum() > 0
+    stats = ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=1.0,
+                       train_actor=True, seed=0)
+    # Metrics say nothing about a critic that does not exist.
+    assert not {"value_loss", "vf_clip_frac", "explained_variance"} & stats.keys()
+    assert stats["loss"] == stats["policy_loss"]
+    changed = {n for n, p in arrangement.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("actor.") and ".default." in n for n in changed)
+    assert torch.equal(arrangement.reward_scores(ro.input_ids, ro.attention_mask), scores)
+    assert torch.equal(arrangement.reference_logprobs(*args), reference)
+
+
+@pytest.mark.parametrize("kind", ["1base-1lora", "separate"])
+def test_critic_free_with_a_reward_function(kind, rlhf_home):
+    recipe = ppo_recipe(kind, None, "ppo.advantage=rloo", "ppo.samples_per_prompt=2")
+    arrangement = build_arrangement(recipe, tokenizer_for(recipe))
+    assert trainable_groups(arrangement) == {"actor/default"} and arrangement.value_head is None
+
+
+@pytest.mark.parametrize("overrides, text", [
+    (["ppo.advantage=grpo"], "ppo.samples_per_prompt: grpo compares several samples"),
+    (["ppo.advantage=rloo", "ppo.samples_per_prompt=1"], "rloo compares several samples"),
+    (["ppo.advantage=grpo", "ppo.samples_per_prompt=2", "ppo.arrangement=1base-2lora"],
+     "1base-2lora's second adapter is the critic"),
+    (["ppo.advantage=reinforce_pp", "ppo.arrangement=2base-2lora"], "second base would hold nothing"),
+    (["ppo.advantage=reinforce_pp", "ppo.critic_warmup_steps=2"], "trains no critic to warm up"),
+    (["ppo.advantage=a2c"], "is not one of gae, grpo, rloo, reinforce_pp"),
+    (["ppo.ptx_coef=0.1"], "set `ppo.ptx_data`"),
+    (["ppo.ptx_coef=-0.1"], "must be >= 0"),
+    (["ppo.ema_decay=1"], "must be below 1"),
+    (["ppo.ema_decay=0"], "must be > 0"),
+])
+def test_option_combinations_that_make_no_sense_are_refused(overrides, text):
+    with pytest.raises(UserError, match=text):
+        load_recipe(RECIPE, overrides)
+
+
+def test_critic_free_2base_and_separate_with_a_reward_model_are_accepted(rm_run):
+    for kind in ("2base-2lora", "separate"):
+        recipe = ppo_recipe(kind, rm_run, "ppo.advantage=reinforce_pp")
+        assert recipe.ppo.arrangement == kind
 
 
 def test_checkpointed_critic_recomputes_under_its_own_adapter(rm_run):

@@ -41,15 +41,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def assert_ppo_run(run: Path, proc: subprocess.CompletedProcess) -> list[dict]:
+def assert_ppo_run(run: Path, proc: subprocess.CompletedProcess, critic: bool = True) -> list[dict]:
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     rows = read_jsonl(run / "metrics.jsonl")
     train = [r for r in rows if r.get("split") != "eval"]
     assert [r["step"] for r in train] == [1, 2]
     for row in train:
-        for key in ("score", "kl", "response_length", "loss", "policy_loss", "value_loss", "entropy"):
+        for key in ("score", "kl", "response_length", "loss", "policy_loss", "entropy"):
             assert isinstance(row[key], float), (key, row)
+        assert isinstance(row.get("value_loss"), float) == critic, row
     assert train[0]["kl"] == 0.0  # the fresh actor adapter is the reference exactly
     evals = [r for r in rows if r.get("split") == "eval"]
     assert [r["step"] for r in evals] == [0, 2] and all(0 <= r["score"] <= 1 for r in evals)
@@ -59,15 +60,16 @@ def assert_ppo_run(run: Path, proc: subprocess.CompletedProcess) -> list[dict]:
     return train
 
 
-def assert_adapter_loads(final: Path) -> None:
-    """final/ is a PEFT adapter that loads against the base it names, with the tokenizer."""
+def assert_adapter_loads(final: Path, critic: bool = True) -> None:
+    """final/ is a PEFT adapter that loads against the base it names, with the tokenizer, and
+    the value head beside it when the run trained a critic."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json",
-                 "value_head.safetensors"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"):
         assert (final / name).is_file(), name
+    assert (final / "value_head.safetensors").is_file() == critic
     base_path = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
     base = AutoModelForCausalLM.from_pretrained(base_path).eval()
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(final)).eval()
@@ -162,3 +164,56 @@ def test_every_prompt_too_long_is_a_user_error(work):
     proc = rlhf("ppo", "--recipe", recipe("1base-1lora"), *FAST, "-o", "bad-long",
                 "--set", "data.max_prompt_length=6", cwd=work)
     assert_user_error(proc, "dropped 2000 of 2000 rows: 2000 prompt longer than max_prompt_length")
+
+
+# ------------------------------------------------------------------ advantage estimators
+ESTIMATORS = {  # the same 64 responses per iteration: 64 prompts x 1, or 16 prompts x 4
+    "gae": ["--set", "ppo.rollout_batch_size=64"],
+    "grpo": ["--set", "ppo.rollout_batch_size=16", "--set", "ppo.samples_per_prompt=4"],
+    "rloo": ["--set", "ppo.rollout_batch_size=16", "--set", "ppo.samples_per_prompt=4"],
+    "reinforce_pp": ["--set", "ppo.rollout_batch_size=16", "--set", "ppo.samples_per_prompt=4"],
+}
+
+
+@pytest.fixture(scope="module")
+def sft_base(work) -> Path:
+    """A 30-step SFT model, merged: it sorts about half the letters right (room to improve)."""
+    proc = rlhf("sft", "--recipe", str(REPO / "recipes" / "tiny-sft.yaml"), "-o", "sft",
+                "--set", "train.max_steps=30", "--set", "train.warmup_steps=5",
+                "--set", "train.eval_every=null", "--set", "train.save_every=null", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    proc = rlhf("merge-lora", "sft", "--out", "sft-merged", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    return work / "sft-merged"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_every_advantage_estimator_raises_the_score(estimator, work, sft_base):
+    """20 iterations from the SFT model raise the greedy held-out score by more than 0.05
+    with each estimator (measured: +0.08 to +0.18 over seeds 42, 1, 2)."""
+    out = f"estimator-{estimator}"
+    proc = rlhf("ppo", "--recipe", recipe("1base-1lora"), "-o", out, "--set", f"model.base={sft_base}",
+                "--set", "train.max_steps=20", "--set", "train.eval_every=null",
+                "--set", "train.save_every=null", "--set", f"ppo.advantage={estimator}",
+                *ESTIMATORS[estimator], cwd=work, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_jsonl(work / out / "metrics.jsonl")
+    evals = {r["step"]: r["score"] for r in rows if r.get("split") == "eval"}
+    assert evals[20] > evals[0] + 0.05, evals
+    train = [r for r in rows if r.get("split") != "eval"]
+    critic = estimator == "gae"
+    for row in train:  # no critic, no critic numbers (not zeros or NaN in their place)
+        assert ("value_loss" in row) == critic and ("explained_variance" in row) == critic
+        assert ("frac_reward_zero_std" in row) == (estimator in ("grpo", "rloo"))
+    assert_adapter_loads(work / out / "final", critic=critic)
+
+
+@pytest.mark.slow
+def test_the_grpo_recipe_runs_as_it_is(work):
+    proc = rlhf("ppo", "--recipe", str(REPO / "recipes" / "tiny-grpo.yaml"), *FAST, "-o", "grpo-recipe",
+                cwd=work)
+    train = assert_ppo_run(work / "grpo-recipe", proc, critic=False)
+    assert all(0 <= row["frac_reward_zero_std"] <= 1 for row in train)
+    final = work / "grpo-recipe" / "final"  # (on the random base the policy has little to learn)
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "value_head.safetensors").exists()

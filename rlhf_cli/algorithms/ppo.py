@@ -8,6 +8,8 @@ right-padded or start late (a prompt prefix at 0); a row's response is its conti
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -25,13 +27,14 @@ from rlhf_cli.algorithms.kl import (
     kl_k2,
     kl_k3,
 )
-from rlhf_cli.algorithms.masked import masked_mean, masked_var
+from rlhf_cli.algorithms.masked import Moments, masked_mean, masked_moments, masked_var, masked_whiten
 
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "discounted_returns",
     "entropy_from_logits",
+    "estimate_advantages",
     "explained_variance",
     "gae",
     "grpo_advantages",
@@ -96,6 +99,54 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
         out.append(advantage)
     advantages = torch.stack(out[::-1], dim=1)
     return advantages, (advantages + v).masked_fill(~m, 0)
+
+
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
+_GROUP_BASELINES = {"grpo": grpo_advantages, "rloo": rloo_advantages}
+
+
+def estimate_advantages(
+    kind: str,
+    scores: Tensor,
+    kl: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    *,
+    values: Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    group_size: int = 1,
+    reduce: Callable[[Moments], Moments] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Advantages [B, T] and returns [B, T] of one rollout batch, by estimator ``kind``.
+
+    Every estimator uses the per-token rewards of :func:`token_rewards`: −β·kl_t on each
+    response token, the (possibly baselined) score added at the last one.
+    - ``gae``: GAE with the critic's ``values`` [B, T]; advantages whitened over the batch.
+    - ``reinforce_pp`` (REINFORCE++): A_t = discounted return G_t, whitened over the batch.
+    - ``grpo`` / ``rloo``: each score first replaced by its group-relative advantage over
+      consecutive groups of ``group_size`` rows (the samples of one prompt), then
+      A_t = G_t; not whitened (the group baseline already centres it). With β = 0 and γ = 1
+      every token of sample i carries exactly the sequence advantage A_i.
+    returns: GAE's A + V (the critic's target) or G_t. ``reduce`` sums the whitening moments
+    ``(Σ m x, Σ m x², Σ m)`` over processes (identity for one process). Shapes: scores [B];
+    kl, mask [B, T].
+    """
+    if kind not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {kind!r}; expected one of {ADVANTAGE_ESTIMATORS}")
+    if kind in _GROUP_BASELINES:
+        scores = _GROUP_BASELINES[kind](scores, group_size)
+    rewards = token_rewards(scores, kl, mask, kl_coef)
+    if kind == "gae":
+        if values is None:
+            raise ValueError("gae needs the critic's values")
+        advantages, returns = gae(rewards, values, mask, gamma, lam)
+    else:
+        advantages = returns = discounted_returns(rewards, mask, gamma)
+    if kind in ("gae", "reinforce_pp"):
+        moments = masked_moments(advantages, mask)
+        advantages = masked_whiten(advantages, mask, stats=reduce(moments) if reduce else moments)
+    return advantages, returns
 
 
 def policy_loss(

@@ -5,6 +5,9 @@ go where, and where the critic and the reward come from.
 - The critic starts from the reward model (its adapter and head) when there is one; with
   only a reward function it starts from the policy base with a fresh adapter and a zero head.
 - In one-base arrangements the RM adapter must have been trained on the policy's base.
+- A critic-free estimator (`ppo.advantage` other than gae) builds no critic: no value head,
+  no critic adapter or model. config.py refuses 1base-2lora then (its second adapter is the
+  critic), and 2base-2lora without a reward model (its second base would hold nothing).
 """
 
 from __future__ import annotations
@@ -46,19 +49,24 @@ def build_arrangement(recipe: Recipe, tokenizer=None) -> Arrangement:
         raise UserError("PPO arrangements train LoRA adapters: set model.lora (full fine-tuning "
                         "of the actor is not supported yet)", where="model.lora")
     kind = recipe.ppo.arrangement
+    critic = needs_critic(recipe)
     rm_dir, rm_kind = _reward_model(recipe, kind)
     if rm_dir is not None and tokenizer is not None and not kind.startswith("1base"):
         _check_tokenizer(rm_dir, tokenizer)
     actor = add_lora(load_causal_lm(recipe.model), recipe.model.lora)
     if kind in ("1base-1lora", "1base-2lora"):
-        arrangement = _one_base(recipe, actor, rm_dir, two_lora=kind == "1base-2lora")
+        arrangement = _one_base(recipe, actor, rm_dir, two_lora=kind == "1base-2lora", critic=critic)
     elif kind == "2base-2lora":
-        arrangement = _two_base(recipe, actor, rm_dir)
+        arrangement = _two_base(recipe, actor, rm_dir, critic)
     else:
-        arrangement = _separate(recipe, actor, rm_dir, rm_kind)
+        arrangement = _separate(recipe, actor, rm_dir, rm_kind, critic)
     # Log-probs at the temperature the rollouts are sampled with (π/T), for every role.
     arrangement.temperature = recipe.ppo.temperature
     return arrangement
+
+
+def needs_critic(recipe: Recipe) -> bool:
+    return recipe.ppo.advantage == "gae"
 
 
 def _reward_model(recipe: Recipe, kind: str):
@@ -99,12 +107,12 @@ def _set_trainable(peft_model, adapter: str) -> None:
             param.requires_grad_(True)
 
 
-def _one_base(recipe: Recipe, actor, rm_dir, two_lora: bool) -> Arrangement:
-    reward_head, value_head = None, zero_head(actor.config.hidden_size)
+def _one_base(recipe: Recipe, actor, rm_dir, two_lora: bool, critic: bool) -> Arrangement:
+    reward_head, value_head = None, zero_head(actor.config.hidden_size) if critic else None
     if rm_dir is not None:
         head = add_rm_adapter(actor, rm_dir, REWARD)
         reward_head = linear_head_from(head, False, _dtype_of(actor.get_base_model()))
-        value_head = linear_head_from(head, True)
+        value_head = linear_head_from(head, True) if critic else None
     if not two_lora:
         return OneBaseOneLora(actor, value_head, reward_head)
     if rm_dir is not None:  # the critic adapter starts as a trainable copy of the RM adapter
@@ -128,9 +136,14 @@ def _load_rm_base(recipe: Recipe, base: str):
         raise UserError(f"cannot load the reward model's base {base} ({exc})", where=WHERE) from None
 
 
-def _two_base(recipe: Recipe, actor, rm_dir) -> Arrangement:
+def _two_base(recipe: Recipe, actor, rm_dir, critic: bool) -> Arrangement:
     from peft import get_peft_model
 
+    if not critic:  # the RM base holds only the frozen RM adapter
+        rm_body, head = peft_with_rm_adapter(_load_rm_base(recipe, adapter_base(rm_dir)), rm_dir, REWARD,
+                                             trainable=False)
+        return TwoBase(actor, rm_body, None,
+                       linear_head_from(head, False, _dtype_of(rm_body.get_base_model())))
     if rm_dir is None:  # reward function: the second base is the policy's, with a fresh critic
         body = load_causal_lm(recipe.model)
         rm_body = get_peft_model(body, lora_config(recipe.model.lora), adapter_name=CRITIC)
@@ -156,8 +169,10 @@ def _sequence_classifier(recipe: Recipe, source: str):
                         where=WHERE) from None
 
 
-def _separate(recipe: Recipe, actor, rm_dir, rm_kind) -> Arrangement:
+def _separate(recipe: Recipe, actor, rm_dir, rm_kind, with_critic: bool) -> Arrangement:
     reference = load_causal_lm(recipe.model).requires_grad_(False)
+    if not with_critic:  # actor, reference and (with an RM run) the reward model
+        return Separate(actor, reference, None, None, _frozen_reward_model(recipe, rm_dir, rm_kind))
     if rm_dir is None:
         critic = add_lora(load_causal_lm(recipe.model), recipe.model.lora)
         return Separate(actor, reference, critic, zero_head(actor.config.hidden_size), None)
@@ -176,3 +191,15 @@ def _separate(recipe: Recipe, actor, rm_dir, rm_kind) -> Arrangement:
             enable_gradient_checkpointing(body)
         critic = add_lora(body, recipe.model.lora, task_type=None)
     return Separate(actor, reference, critic, linear_head_from(head, True), reward_model.eval())
+
+
+def _frozen_reward_model(recipe: Recipe, rm_dir, rm_kind):
+    """The RM as `rlhf eval` loads it (peft on a sequence classifier, or a full one); None
+    with a reward function."""
+    if rm_dir is None:
+        return None
+    if rm_kind == "full":
+        return _sequence_classifier(recipe, str(rm_dir)).eval()
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(_sequence_classifier(recipe, adapter_base(rm_dir)), str(rm_dir)).eval()

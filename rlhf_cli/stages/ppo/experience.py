@@ -1,8 +1,11 @@
-"""From a rollout to training targets: scores, per-token KL rewards, GAE advantages.
+"""From a rollout to training targets: scores, per-token KL rewards, advantages.
 
-Old log-probs, reference log-probs and values are computed once per rollout, without
-grad, in eval mode, at the rollout temperature. Advantages are whitened with the masked
-mean/std over the whole rollout batch of all processes.
+Old log-probs, reference log-probs and values (with a critic) are computed once per
+rollout, without grad, in eval mode, at the rollout temperature. Advantages come from
+`ppo.advantage` (algorithms/ppo.py `estimate_advantages`); the whitening of gae and
+REINFORCE++ uses the masked mean/std over the whole rollout batch of all processes, and the
+groups of grpo/rloo are the `ppo.samples_per_prompt` consecutive rows of one prompt, which
+the rollout keeps on one process.
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ...algorithms.kl import kl_estimate, kl_k1
-from ...algorithms.masked import masked_moments, masked_whiten
-from ...algorithms.ppo import gae, token_rewards
+from ...algorithms.ppo import estimate_advantages
 from ...schema import PPOSection
 from .rollout import Rollout
 
@@ -23,8 +25,8 @@ class Experience:
     rollout: Rollout
     old_logprobs: torch.Tensor  # [B, R]
     ref_logprobs: torch.Tensor  # [B, R]
-    old_values: torch.Tensor  # [B, R]
-    advantages: torch.Tensor  # [B, R] whitened
+    old_values: torch.Tensor | None  # [B, R]; None without a critic
+    advantages: torch.Tensor  # [B, R]
     returns: torch.Tensor  # [B, R]
     scores: torch.Tensor  # [B] raw scores (before normalisation and penalties)
     kl_per_response: torch.Tensor  # [B] Σ_t (log π_old − log π_ref)
@@ -58,13 +60,20 @@ def build_experience(arrangement, rollout: Rollout, raw_scores: torch.Tensor, pp
                      kl_coef: float, backend, reward_stats: dict | None) -> Experience:
     old_logp, ref_logp, values = old_policy_outputs(arrangement, rollout)
     mask = rollout.response_mask
-    values = values * mask
+    if values is not None:
+        values = values * mask
     kl = kl_estimate(old_logp, ref_logp, ppo.kl_estimator) * mask
     scores = shape_scores(raw_scores, rollout.ended.to(raw_scores.device), ppo, reward_stats)
-    rewards = token_rewards(scores, kl, mask, kl_coef)
-    advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
-    moments = [backend.all_reduce_sum(m) for m in masked_moments(advantages, mask)]
-    whitened = masked_whiten(advantages, mask, stats=tuple(moments))
+    advantages, returns = estimate_advantages(
+        ppo.advantage, scores, kl, mask, kl_coef, values=values, gamma=ppo.gamma, lam=ppo.lam,
+        group_size=ppo.samples_per_prompt,
+        reduce=lambda moments: tuple(backend.all_reduce_sum(m) for m in moments))
     kl_per_response = (kl_k1(old_logp, ref_logp) * mask).sum(dim=1)
-    return Experience(rollout, old_logp, ref_logp, values, whitened, returns, raw_scores,
+    return Experience(rollout, old_logp, ref_logp, values, advantages, returns, raw_scores,
                       kl_per_response)
+
+
+def zero_std_share(scores: torch.Tensor, group_size: int) -> float:
+    """Share of this batch's prompts whose samples all scored the same (no group signal)."""
+    groups = scores.float().view(-1, group_size)
+    return float((groups.max(dim=1).values == groups.min(dim=1).values).float().mean())

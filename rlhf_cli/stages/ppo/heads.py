@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from ...algorithms.ppo import entropy_from_logits
-from ...models.lm_forward import decoder_of, inner_causal_lm, position_ids_from
+from ...models.lm_forward import (
+    decoder_of,
+    inner_causal_lm,
+    position_ids_from,
+    selected_logits,
+    shifted_targets,
+)
 from ...models.reward import last_token_index
 
 
@@ -34,6 +40,14 @@ def token_logprobs_and_entropy(model, states, tokens, temperature: float, with_e
     logp = logp.view(tokens.shape)
     entropy = entropy_from_logits(logits) if with_entropy else None
     return logp, entropy
+
+
+def lm_loss(model, batch: dict) -> torch.Tensor:
+    """Token-mean next-token cross-entropy on the labelled tokens of an SFT batch (the SFT
+    loss of `rlhf sft`, at temperature 1), for PPO-ptx."""
+    targets, mask = shifted_targets(batch["input_ids"], batch["labels"])
+    logits = selected_logits(model, batch["input_ids"], batch["attention_mask"], mask)
+    return F.cross_entropy(logits.float(), targets[mask])
 
 
 def apply_head(head: torch.nn.Linear, states: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from .adapters import CRITIC, REWARD, adapters_disabled, using_adapter
 from .heads import (
     apply_head,
     hidden_states,
+    lm_loss,
     response_states,
     sequence_reward,
     token_logprobs_and_entropy,
@@ -47,17 +48,32 @@ class Arrangement(torch.nn.Module):
     """Common plumbing; subclasses say where the critic's states and the reward come from.
 
     Attributes: `actor` (peft model with the policy adapter `default`), `value_head`
-    (trainable [H -> 1]), `reward_head` (frozen, or None with a reward function).
+    (trainable [H -> 1], or None: a critic-free estimator trains no critic), `reward_head`
+    (frozen, or None with a reward function).
     """
 
     name = "?"
     temperature = 1.0
 
-    def forward(self, input_ids, attention_mask, prompt_width: int, tokens, with_entropy=True):
+    @property
+    def has_critic(self) -> bool:
+        return self.value_head is not None
+
+    def forward(self, input_ids, attention_mask, prompt_width: int, tokens, with_entropy=True,
+                ptx: dict | None = None):
+        """(log π [B, R], V [B, R] or None without a critic, entropy [B, R] or None).
+
+        With `ptx` (an SFT batch: input_ids, attention_mask, labels) a fourth output: the
+        actor's token-mean LM loss on it, in the same forward, so that DDP and ZeRO see one
+        graph per update.
+        """
         states = response_states(hidden_states(self.actor, input_ids, attention_mask), prompt_width)
         logp, entropy = token_logprobs_and_entropy(self.actor, states, tokens, self.temperature,
                                                    with_entropy)
-        return logp, self.values(input_ids, attention_mask, prompt_width, states), entropy
+        values = self.values(input_ids, attention_mask, prompt_width, states) if self.has_critic else None
+        if ptx is None:
+            return logp, values, entropy
+        return logp, values, entropy, lm_loss(self.actor, ptx)
 
     def values(self, input_ids, attention_mask, prompt_width, actor_states) -> torch.Tensor:
         """V [B, R]: the value of the state before each response token."""
@@ -132,7 +148,7 @@ class OneBaseTwoLora(OneBaseOneLora):
 
 class TwoBase(Arrangement):
     """Policy base + actor LoRA; RM base (`rm_body`) with a trainable critic adapter (its
-    active adapter) and the frozen RM adapter."""
+    active adapter) and the frozen RM adapter; without a critic, only the RM adapter."""
 
     name = "2base-2lora"
 
@@ -151,7 +167,7 @@ class TwoBase(Arrangement):
 
 class Separate(Arrangement):
     """Four models: actor, critic (a trainable copy of the RM), frozen reference, frozen RM
-    (a sequence classifier, scored exactly as `rlhf eval` scores it)."""
+    (a sequence classifier, scored exactly as `rlhf eval` scores it); without a critic, three."""
 
     name = "separate"
     reward_head = None

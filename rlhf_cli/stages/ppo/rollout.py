@@ -6,6 +6,7 @@ a response's first EOS is masked; the EOS itself is part of the response.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,37 @@ def sampling_settings(ppo) -> dict:
             "max_new_tokens": ppo.max_new_tokens, "use_cache": True}
 
 
+# Marks the gathered weights as in use for the whole rollout (ZeRO-3 releases only weights
+# that no running module uses); a string never equals a module's integer ds_id.
+_ROLLOUT_USE = "rlhf-rollout"
+
+
+@contextlib.contextmanager
+def weights_gathered_once(model):
+    """Under ZeRO-3, all-gather the generation model's sharded weights once for a rollout.
+
+    Otherwise ZeRO-3's module hooks gather each layer's weights before its forward and
+    release them after it: once per generated token (KV-cache decoding runs the whole model
+    per token). Gathered here, the hooks find them available and, while they are marked as
+    in use, do not release them. The price is one whole copy of the generation model on
+    each rank during the rollout. No-op without ZeRO-3 (no weight has a `ds_id`).
+    """
+    params = [p for p in model.parameters() if hasattr(p, "ds_id") and not getattr(p, "ds_persist", False)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        for param in params:
+            param.ds_active_sub_modules.add(_ROLLOUT_USE)
+        try:
+            yield
+        finally:
+            for param in params:
+                param.ds_active_sub_modules.discard(_ROLLOUT_USE)
+
+
 @torch.no_grad()
 def sample(arrangement, examples: list[dict], tokenizer, ppo, device, synced: bool = False) -> Rollout:
     """`synced`: several ranks under ZeRO-3 must keep stepping until all are done."""
@@ -54,7 +86,7 @@ def sample(arrangement, examples: list[dict], tokenizer, ppo, device, synced: bo
     was_training = model.training
     model.eval()  # dropout off: noisy rollouts make rewards, values and old log-probs noisy
     try:
-        with arrangement.generation_context():
+        with arrangement.generation_context(), weights_gathered_once(model):
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                  synced_gpus=synced, **sampling_settings(ppo))

@@ -1,11 +1,16 @@
 """PPO, one iteration at a time: rollout -> score -> advantages -> K epochs of updates.
 
-Reuses the engine's optimiser, schedule, checkpoints, metrics and progress parts; the
-arrangement (roles.py) decides where actor, critic, reference and reward live.
+Reuses the engine's optimiser, schedule, checkpoints, metrics, progress and Ctrl-C parts;
+the arrangement (roles.py) decides where actor, critic, reference and reward live, and
+guard.py what stops a run. Ctrl-C finishes the current iteration, saves a checkpoint and
+exits 130, as the shared loop does; `--resume` continues a run exactly (model, optimizer,
+schedule, RNG, KL coefficient, skipped-update count and actor EMA are in the checkpoint;
+prompts and ptx batches are functions of the iteration and update numbers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -18,6 +23,7 @@ from ...data.prompt_data import build_prompt_dataset
 from ...data.sources import load_source
 from ...engine.batching import GlobalBatches
 from ...engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ...engine.loop import TrainingInterrupted, _StopRequest
 from ...engine.metrics import MetricsLogger
 from ...engine.optim import build_scheduler
 from ...engine.plots import plot_run
@@ -28,30 +34,17 @@ from ...rewards import load_reward_fn
 from ...schema import Recipe
 from ..common import say, tokenizer_for
 from .build import build_arrangement
-from .experience import build_experience
+from .ema import ActorEMA
+from .experience import build_experience, zero_std_share
+from .guard import BadUpdates, check_kl, check_scores
+from .optim import ppo_optimizer
+from .ptx import PtxBatches
 from .rollout import decode_responses, sample
-from .saving import save_ppo_final
+from .saving import WithPPOState, save_ppo_final
 from .update import ppo_update
 
 SAMPLES = "samples.jsonl"
-# Mean KL (nats per response) past which the policy has left the reference for good.
-KL_LIMIT = 1000.0
-
-
-def _optimizer(arrangement, recipe: Recipe):
-    """Actor and critic parameter groups; the critic gets its own rate when it has its own adapter."""
-    train, ppo = recipe.train, recipe.ppo
-    shared = ppo.arrangement == "1base-1lora"
-    actor, critic = [], []
-    for name, param in arrangement.named_parameters():
-        if param.requires_grad:
-            is_critic = name.startswith(("value_head", "critic.", "rm_body.")) or ".critic." in name
-            (critic if is_critic and not shared else actor).append(param)
-    groups = [{"params": actor, "lr": train.lr}]
-    if critic:
-        groups.append({"params": critic, "lr": train.lr * ppo.critic_lr_ratio})
-    return torch.optim.AdamW(groups, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
-                             weight_decay=train.weight_decay)
+GROUP_ESTIMATORS = ("grpo", "rloo")
 
 
 def _reward_stats(recipe: Recipe) -> dict | None:
@@ -67,31 +60,37 @@ class PPORun:
     def __init__(self, recipe: Recipe, run_dir: Path, backend):
         self.recipe, self.run_dir, self.backend = recipe, Path(run_dir), backend
         self.ppo, self.train = recipe.ppo, recipe.train
+        if self.ppo.ema_decay and getattr(backend, "stage", 0) == 3:
+            raise UserError("the actor EMA keeps a whole copy of the policy's weights, which ZeRO-3 "
+                            "partitions: use ZeRO-2 or unset it", where="ppo.ema_decay")
         self.tokenizer = tokenizer_for(recipe)
-        if self.ppo.ptx_coef:
-            raise UserError("the pretraining (ptx) loss is not supported yet: set it to 0",
-                            where="ppo.ptx_coef")
         self.prompts = self._load_prompts()
+        self.ptx = PtxBatches(recipe, self.tokenizer, backend) if self.ppo.ptx_coef > 0 else None
         self.reward_fn = load_reward_fn(self.ppo.reward_fn) if self.ppo.reward_fn else None
         if self.reward_fn is not None and self.ppo.reward_model:
             say(backend, "scores come from ppo.reward_fn; ppo.reward_model only initialises the critic")
-        self.reward_stats = _reward_stats(recipe)
+        # The RM's mean/std normalise the RM's own scores, never a reward function's.
+        self.reward_stats = _reward_stats(recipe) if self.reward_fn is None else None
         if self.ppo.normalize_reward and self.reward_fn is None and self.reward_stats is None:
             say(backend, "ppo.normalize_reward: the reward model has no reward_stats.json; "
                          "scores are used as they are")
         arrangement = build_arrangement(recipe, self.tokenizer)
-        optimizer = _optimizer(arrangement, recipe)
-        self.wrapped = backend.prepare(arrangement, optimizer)
+        self.wrapped = backend.prepare(arrangement, ppo_optimizer(arrangement, recipe))
         self.model = backend.unwrap(self.wrapped)
+        self.ema = ActorEMA(self.model, self.ppo.ema_decay) if self.ppo.ema_decay else None
+        # rollout_batch_size prompts per process, each sampled samples_per_prompt times.
         self.batches = GlobalBatches(len(self.prompts), self.ppo.rollout_batch_size, 1,
                                      backend.world_size, backend.rank, self.train.seed)
         self.iterations = self.batches.total_steps(self.train.epochs, self.train.max_steps)
-        updates = self.ppo.ppo_epochs * math.ceil(self.ppo.rollout_batch_size / self.ppo.mini_batch_size)
-        self.scheduler = build_scheduler(backend.optimizer, self.train, self.iterations * updates)
+        responses = self.ppo.rollout_batch_size * self.ppo.samples_per_prompt
+        self.updates = self.ppo.ppo_epochs * math.ceil(responses / self.ppo.mini_batch_size)
+        self.scheduler = build_scheduler(backend.optimizer, self.train, self.iterations * self.updates)
         self.kl = (AdaptiveKLController(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
                    if self.ppo.adaptive_kl else FixedKLController(self.ppo.kl_coef))
         self.logger = MetricsLogger(self.run_dir, backend.is_main, self.train.report_to)
+        self.guard = BadUpdates(self.train.max_bad_steps, backend.can_skip_steps)
         self.start = 0
+        self._saved: tuple[int, Path] | None = None  # the newest checkpoint: (iteration, path)
         self.scorer = None
         if self.train.eval_reward_fn:
             from ..scoring import make_task_scorer
@@ -116,35 +115,47 @@ class PPORun:
             return torch.tensor(values, dtype=torch.float32, device=rollout.input_ids.device), responses
         return self.model.reward_scores(rollout.input_ids, rollout.attention_mask), responses
 
-    def _global_mean(self, values: list[float], count: float) -> list[float]:
-        tensor = torch.tensor(values + [count], dtype=torch.float64, device=self.backend.device)
-        total = self.backend.all_reduce_sum(tensor).tolist()
-        return [v / max(total[-1], 1.0) for v in total[:-1]]
+    def _global_sum(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.backend.device)
+        return self.backend.all_reduce_sum(tensor).tolist()
 
     def iteration(self, index: int) -> dict:
-        examples = [self.prompts[i] for i in self.batches.micro_batches(index)[0]]
+        prompts = [self.prompts[i] for i in self.batches.micro_batches(index)[0]]
+        # The samples of one prompt are consecutive rows of one process: grpo/rloo's groups.
+        examples = [e for e in prompts for _ in range(self.ppo.samples_per_prompt)]
         t0 = time.perf_counter()
         rollout = sample(self.model, examples, self.tokenizer, self.ppo, self.backend.device,
                          synced=self.backend.world_size > 1)
         t1 = time.perf_counter()
         scores, responses = self._scores(rollout)
+        check_scores(self._global_sum([float((~scores.isfinite()).sum())])[0], index + 1)
         t2 = time.perf_counter()
         experience = build_experience(self.model, rollout, scores, self.ppo, self.kl.value,
                                       self.backend, self.reward_stats)
+        lengths = rollout.response_mask.sum(dim=1)
+        sums = [float(scores.sum()), float(experience.kl_per_response.sum()), float(lengths.sum()),
+                float((~rollout.ended).sum()), float(len(examples))]
+        if self.ppo.advantage in GROUP_ESTIMATORS:
+            sums.append(zero_std_share(scores, self.ppo.samples_per_prompt) * len(prompts))
+        totals = self._global_sum(sums)
+        score, kl, length, no_eos = (v / max(totals[4], 1.0) for v in totals[:4])
+        check_kl(kl, index + 1)  # before training on a rollout from a policy that has gone
         stats = ppo_update(self.wrapped, experience, self.ppo, self.backend, self.scheduler,
                            vf_coef=self.ppo.vf_coef if self.ppo.arrangement == "1base-1lora" else 1.0,
                            train_actor=index >= self.ppo.critic_warmup_steps,
-                           seed=self.train.seed * 100_003 + index)
+                           seed=self.train.seed * 100_003 + index, iteration=index + 1,
+                           first_update=index * self.updates, ptx_batches=self.ptx, guard=self.guard,
+                           ema=self.ema)
         t3 = time.perf_counter()
-        lengths = rollout.response_mask.sum(dim=1)
-        score, kl, length, no_eos = self._global_mean(
-            [float(scores.sum()), float(experience.kl_per_response.sum()), float(lengths.sum()),
-             float((~rollout.ended).sum())], float(len(examples)))
         row = {"step": index + 1, "score": score, "kl": kl, "kl_coef": self.kl.value,
                "response_length": length, "no_eos_share": no_eos, **stats,
                "lr": self.scheduler.get_last_lr()[0], "time_generate": t1 - t0,
                "time_score": t2 - t1, "time_train": t3 - t2}
-        self.kl.update(kl, self.ppo.rollout_batch_size * self.backend.world_size)
+        if len(totals) > 5:  # share of prompts whose samples all scored the same (no signal)
+            row["frac_reward_zero_std"] = totals[5] * self.ppo.samples_per_prompt / totals[4]
+        if self.guard.total:
+            row["bad_steps"] = self.guard.total
+        self.kl.update(kl, int(totals[4]))
         self._samples(index + 1, rollout.prompts, responses, scores.tolist())
         return row
 
@@ -156,57 +167,90 @@ class PPORun:
                 handle.write(json.dumps({"step": step, "prompt": prompt, "response": response,
                                          "score": score}) + "\n")
 
-    # ------------------------------------------------------------------------- run
+    # ------------------------------------------------------------ checkpoints, resume
+    def _checkpoint_backend(self):
+        return WithPPOState(self.backend, self.ema)
+
+    def save(self, done: int) -> Path:
+        state = {"kl_coef": self.kl.value, **self.guard.state(), "world_size": self.backend.world_size}
+        path = save_checkpoint(self._checkpoint_backend(), self.run_dir, done, state, self.scheduler,
+                               self.train.keep_checkpoints)
+        self._saved = (done, path)
+        self.guard.checkpoint = path
+        return path
+
     def resume(self) -> None:
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is None:
             return
-        state = load_checkpoint(self.backend, checkpoint, self.scheduler)
+        state = load_checkpoint(self._checkpoint_backend(), checkpoint, self.scheduler)
         self.start = state["step"]
         self.kl.value = state.get("kl_coef", self.kl.value)
+        self.guard.load(state)
+        self._saved = (self.start, checkpoint)
+        self.guard.checkpoint = checkpoint
         self.logger.truncate_after(self.start)
+        self._truncate_samples(self.start)
         say(self.backend, f"resuming from {checkpoint} (iteration {self.start})")
 
+    def _truncate_samples(self, step: int) -> None:
+        path = self.run_dir / SAMPLES
+        if self.backend.is_main and path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= step]
+            path.write_text("".join(kept))
+
+    def _stop_if_asked(self, stop: _StopRequest, done: int) -> None:
+        """After Ctrl-C (on any rank): save iteration `done` unless saved already, and stop."""
+        if not self._global_sum([float(stop.requested)])[0]:
+            return
+        if done == 0:
+            raise TrainingInterrupted("stopped before the first iteration; nothing was saved")
+        if self._saved is None or self._saved[0] != done:
+            self.save(done)
+        raise TrainingInterrupted(
+            f"stopped at iteration {done}/{self.iterations}; checkpoint saved in {self._saved[1]}. "
+            f"To continue: rlhf ppo --recipe {self.run_dir / 'recipe.yaml'} --resume")
+
+    # ------------------------------------------------------------------------- run
     def _evaluate(self, step: int) -> dict:
+        """The task score of the policy that final/ will hold (the EMA one when there is one)."""
         if self.scorer is None:
             return {}
-        row = {"step": step, "split": "eval", **self.scorer(self.model.policy_for_saving())}
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            row = {"step": step, "split": "eval", **self.scorer(self.model.policy_for_saving())}
         self.logger.log(row)
         return row
 
-    def _check(self, row: dict) -> None:
-        bad = [k for k in ("loss", "policy_loss", "value_loss", "kl") if not math.isfinite(row[k])]
-        if bad or row["kl"] > KL_LIMIT:
-            what = (f"{', '.join(bad)} became NaN/inf" if bad
-                    else f"KL to the reference exploded ({row['kl']:.1f})")
-            raise UserError(f"PPO stopped at iteration {row['step']}: {what}; lower train.lr or raise "
-                            "ppo.kl_coef; the last good checkpoint is kept")
+    def _show(self, progress: TrainingProgress, row: dict, done: int) -> None:
+        shown = {k: row[k] for k in ("score", "kl", "response_length", "loss", "bad_steps") if k in row}
+        progress.update(done, shown)
+        if done % self.train.log_every == 0 or done == self.iterations:
+            progress.log_line(f"iteration {done}/{self.iterations}  " + "  ".join(
+                f"{k}={v:.4g}" for k, v in shown.items()))
 
     def run(self) -> dict:
         progress = TrainingProgress(self.iterations, self.start, self.backend.is_main, "ppo")
         last_eval = {}
-        try:
-            if self.start == 0:
-                last_eval = self._evaluate(0)
-            for index in range(self.start, self.iterations):
-                row = self.iteration(index)
-                self._check(row)
-                self.logger.log(row)
-                done = index + 1
-                shown = {k: row[k] for k in ("score", "kl", "response_length", "loss")}
-                progress.update(done, shown)
-                if done % self.train.log_every == 0 or done == self.iterations:
-                    progress.log_line(f"iteration {done}/{self.iterations}  " + "  ".join(
-                        f"{k}={v:.4g}" for k, v in shown.items()))
-                if self.train.eval_every and done % self.train.eval_every == 0 and done < self.iterations:
-                    last_eval = self._evaluate(done)
-                if self.train.save_every and done % self.train.save_every == 0 and done < self.iterations:
-                    save_checkpoint(self.backend, self.run_dir, done, {"kl_coef": self.kl.value},
-                                    self.scheduler, self.train.keep_checkpoints)
-            last_eval = self._evaluate(self.iterations) or last_eval
-        finally:
-            progress.close()
-            self.logger.close()
+        with _StopRequest(announce=self.backend.is_main) as stop:
+            try:
+                if self.start == 0:
+                    last_eval = self._evaluate(0)
+                for index in range(self.start, self.iterations):
+                    self._stop_if_asked(stop, index)
+                    row = self.iteration(index)
+                    self.logger.log(row)
+                    done = index + 1
+                    self._show(progress, row, done)
+                    if self.train.eval_every and done % self.train.eval_every == 0 and done < self.iterations:
+                        last_eval = self._evaluate(done)
+                    if self.train.save_every and done % self.train.save_every == 0 and done < self.iterations:
+                        self.save(done)
+                self._stop_if_asked(stop, self.iterations)
+                last_eval = self._evaluate(self.iterations) or last_eval
+            finally:
+                progress.close()
+                self.logger.close()
         return last_eval
 
 
@@ -215,7 +259,7 @@ def run_ppo(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dic
     if resume:
         runner.resume()
     last_eval = runner.run()
-    final = save_ppo_final(backend, runner.wrapped, runner.tokenizer, Path(run_dir) / FINAL)
+    final = save_ppo_final(backend, runner.wrapped, runner.tokenizer, Path(run_dir) / FINAL, runner.ema)
     if backend.is_main:
         plot_run(run_dir)
         say(backend, f"saved {final}")

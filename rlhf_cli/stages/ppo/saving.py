@@ -1,5 +1,9 @@
-"""`final/` of a PPO run: the policy adapter (loads with peft against its base), the
-tokenizer, and the critic's value head beside it."""
+"""What a PPO run writes: `final/` and the PPO parts of a checkpoint.
+
+`final/` is the policy adapter (loads with peft against its base) and the tokenizer, with
+the critic's value head beside it when there is a critic. With an actor EMA, `final/`
+holds the EMA weights and `final-online/` the last online ones.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +15,59 @@ from safetensors.torch import save_file
 from ..saving import _strip_prefix
 
 VALUE_HEAD = "value_head.safetensors"
+ONLINE_SUFFIX = "-online"
 
 
-def save_ppo_final(backend, wrapped, tokenizer, final_dir: Path) -> Path:
+def _write_policy(actor, state: dict, tokenizer, final_dir: Path, with_head: bool) -> None:
+    """Main process only; written under a temporary name and renamed when complete."""
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # Only the policy adapter: the reward/critic adapters are not part of the result.
+    actor.save_pretrained(str(tmp), selected_adapters=["default"],
+                          state_dict=_strip_prefix(state, "actor."), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    head = {k: v.detach().cpu().contiguous() for k, v in _strip_prefix(state, "value_head.").items()}
+    if with_head and head:
+        save_file(head, str(tmp / VALUE_HEAD))
+    shutil.rmtree(final_dir, ignore_errors=True)
+    tmp.rename(final_dir)
+
+
+def save_ppo_final(backend, wrapped, tokenizer, final_dir: Path, ema=None) -> Path:
     state = backend.full_state_dict(wrapped)  # collective under ZeRO-3
     final_dir = Path(final_dir)
     if backend.is_main:
-        tmp = final_dir.with_name(final_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         actor = backend.unwrap(wrapped).actor
-        # Only the policy adapter: the reward/critic adapters are not part of the result.
-        actor.save_pretrained(str(tmp), selected_adapters=["default"],
-                              state_dict=_strip_prefix(state, "actor."), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        head = {k: v.detach().cpu().contiguous() for k, v in _strip_prefix(state, "value_head.").items()}
-        save_file(head, str(tmp / VALUE_HEAD))
-        shutil.rmtree(final_dir, ignore_errors=True)
-        tmp.rename(final_dir)
+        if ema is None:
+            _write_policy(actor, state, tokenizer, final_dir, with_head=True)
+        else:
+            online = final_dir.with_name(final_dir.name + ONLINE_SUFFIX)
+            _write_policy(actor, state, tokenizer, online, with_head=False)
+            _write_policy(actor, ema.state_dict_for(state), tokenizer, final_dir, with_head=True)
     backend.barrier()
     return final_dir
+
+
+class WithPPOState:
+    """The backend as `save_checkpoint` / `load_checkpoint` see it, plus the actor EMA.
+
+    Those engine functions save and load "the model and optimizer" through
+    `backend.save_state` / `load_state` inside the checkpoint's temporary directory;
+    the EMA file joins them there, so it is part of the same atomic checkpoint.
+    """
+
+    def __init__(self, backend, ema):
+        self._backend, self._ema = backend, ema
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def save_state(self, directory: Path) -> None:
+        self._backend.save_state(directory)
+        if self._ema is not None and self._backend.is_main:
+            self._ema.save(directory)
+
+    def load_state(self, directory: Path) -> None:
+        self._backend.load_state(directory)
+        if self._ema is not None:
+            self._ema.load(directory)

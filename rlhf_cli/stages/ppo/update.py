@@ -1,4 +1,9 @@
-"""K epochs of minibatch updates on one rollout batch: clipped policy and value losses."""
+"""K epochs of minibatch updates on one rollout batch: the clipped policy loss, the clipped
+value loss (with a critic) and the SFT loss of PPO-ptx (with `ppo.ptx_coef`).
+
+An update whose loss or gradient norm is NaN/inf on any process is skipped (guard.py): no
+optimizer step, no EMA step, its numbers left out of the means; the schedule moves on.
+"""
 
 from __future__ import annotations
 
@@ -12,53 +17,124 @@ from .experience import Experience
 
 def _rows(experience: Experience, index: torch.Tensor) -> dict:
     r = experience.rollout
-    return {
+    rows = {
         "input_ids": r.input_ids[index], "attention_mask": r.attention_mask[index],
         "tokens": r.tokens[index], "mask": r.response_mask[index],
-        "old_logprobs": experience.old_logprobs[index], "old_values": experience.old_values[index],
-        "advantages": experience.advantages[index], "returns": experience.returns[index],
+        "old_logprobs": experience.old_logprobs[index], "advantages": experience.advantages[index],
     }
+    if experience.old_values is not None:
+        rows["old_values"], rows["returns"] = experience.old_values[index], experience.returns[index]
+    return rows
 
 
 def minibatch_loss(wrapped, rows: dict, prompt_width: int, ppo: PPOSection, vf_coef: float,
-                   train_actor: bool):
-    logp, values, entropy = wrapped(rows["input_ids"], rows["attention_mask"], prompt_width,
-                                    rows["tokens"])
+                   train_actor: bool, ptx: dict | None = None, share: float = 1.0, ptx_share: float = 1.0):
+    """(loss, stats). loss = share·(a·policy loss + vf_coef·value loss) + ptx_share·ptx_coef·SFT loss,
+    with a = 0 during critic warm-up, the value loss only with a critic and the SFT loss (on
+    the `ptx` batch) only with ptx. In one process both shares are 1 (see `_token_share`)."""
+    outputs = wrapped(rows["input_ids"], rows["attention_mask"], prompt_width, rows["tokens"], ptx=ptx)
+    logp, values, entropy = outputs[:3]
     mask = rows["mask"]
     pg, pg_stats = policy_loss(logp, rows["old_logprobs"], rows["advantages"], mask, ppo.clip_range)
-    vf, vf_stats = value_loss(values, rows["old_values"], rows["returns"], mask, ppo.clip_range_value)
     # During critic warm-up the actor term is kept at weight 0 so that every trainable
     # parameter stays in the graph (DDP expects that) while only the critic learns.
-    loss = (1.0 if train_actor else 0.0) * pg + vf_coef * vf
-    stats = {"policy_loss": float(pg.detach()), "value_loss": float(vf.detach()),
-             "loss": float(loss.detach()),
+    rl_loss = (1.0 if train_actor else 0.0) * pg
+    stats = {"policy_loss": float(pg.detach()),
              "entropy": float(masked_mean(entropy.detach(), mask)),
-             "clip_frac": float(pg_stats["clip_frac"]), "approx_kl": float(pg_stats["approx_kl"]),
-             "vf_clip_frac": float(vf_stats["vf_clip_frac"])}
+             "clip_frac": float(pg_stats["clip_frac"]), "approx_kl": float(pg_stats["approx_kl"])}
+    if values is not None:
+        vf, vf_stats = value_loss(values, rows["old_values"], rows["returns"], mask, ppo.clip_range_value)
+        rl_loss = rl_loss + vf_coef * vf
+        stats.update(value_loss=float(vf.detach()), vf_clip_frac=float(vf_stats["vf_clip_frac"]))
+    loss = share * rl_loss
+    if ptx is not None:
+        loss = loss + ptx_share * ppo.ptx_coef * outputs[3]
+        stats["ptx_loss"] = float(outputs[3].detach())
     return loss, stats
 
 
+def _token_share(mask: torch.Tensor, backend) -> float:
+    """This rank's response tokens over the mean per rank, for the minibatch.
+
+    The losses are token-means over this rank's rows, and DDP/ZeRO average the ranks'
+    gradients; scaled by this share, that average is the gradient of the token-mean over
+    the whole minibatch of all ranks, as one process with the same global batch computes it.
+    """
+    local = mask.detach().sum().to(torch.float64)
+    total = backend.all_reduce_sum(local)
+    return float(local * backend.world_size / total.clamp(min=1.0))
+
+
+def _step(backend, loss: torch.Tensor) -> tuple[bool, float]:
+    """Backward and optimizer step; (applied, grad norm). Every rank agrees on skipping."""
+    flag = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0], dtype=torch.float64,
+                        device=backend.device)
+    bad_loss = float(backend.all_reduce_sum(flag)[0]) > 0
+    if bad_loss and not backend.can_skip_steps:
+        return False, float("nan")  # DeepSpeed would apply it inside backward: never call it
+    backend.backward(loss)
+    if bad_loss:  # as the shared loop does: backward (DDP expects it), then drop the gradients
+        backend.skip_step()
+        return False, float("nan")
+    grad_norm = backend.optimizer_step()
+    return not backend.skipped_step, grad_norm
+
+
 def ppo_update(wrapped, experience: Experience, ppo: PPOSection, backend, scheduler, *,
-               vf_coef: float, train_actor: bool, seed: int) -> dict:
+               vf_coef: float, train_actor: bool, seed: int, iteration: int = 1, first_update: int = 0,
+               ptx_batches=None, guard=None, ema=None) -> dict:
+    """Means over the applied updates (token-means over all ranks' minibatches).
+
+    `iteration` (1-based) and `first_update` (this iteration's first update, counted over the
+    run) place it in the run: the ptx batch of update u is `ptx_batches(u)`; `guard`
+    (guard.BadUpdates) counts skipped updates and stops the run; `ema` (ema.ActorEMA) follows
+    every applied step.
+    """
     rows = experience.rollout.input_ids.shape[0]
     generator = torch.Generator().manual_seed(seed)
     totals: dict[str, float] = {}
-    count = 0
+    applied_count, grad_norm, update = 0, 0.0, first_update
     wrapped.train()
     for _ in range(ppo.ppo_epochs):
         order = torch.randperm(rows, generator=generator)
         for start in range(0, rows, ppo.mini_batch_size):
             index = order[start:start + ppo.mini_batch_size].to(experience.rollout.input_ids.device)
+            batch = _rows(experience, index)
+            ptx = ptx_batches(update) if ptx_batches is not None else None
+            share = _token_share(batch["mask"], backend)
+            ptx_share = _token_share(ptx["labels"][:, 1:] != -100, backend) if ptx is not None else 1.0
             with backend.autocast():
-                loss, stats = minibatch_loss(wrapped, _rows(experience, index),
-                                             experience.rollout.prompt_width, ppo, vf_coef, train_actor)
-            backend.backward(loss)
-            stats["grad_norm"] = backend.optimizer_step()
+                loss, stats = minibatch_loss(wrapped, batch, experience.rollout.prompt_width, ppo,
+                                             vf_coef, train_actor, ptx, share, ptx_share)
+            applied, norm = _step(backend, loss)
             scheduler.step()
+            update += 1
+            if guard is not None:
+                guard.record(not applied, iteration)
+            if not applied:
+                continue
+            if ema is not None:
+                ema.update()
+            grad_norm += norm
+            applied_count += 1
             for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value
-            count += 1
-    means = {k: v / count for k, v in totals.items()}
-    means["explained_variance"] = float(explained_variance(
-        experience.old_values, experience.returns, experience.rollout.response_mask))
+                totals[key] = totals.get(key, 0.0) + value * (ptx_share if key == "ptx_loss" else share)
+    if not applied_count:  # every update skipped (the same on every rank)
+        return {}
+    return _means(totals, applied_count, grad_norm, experience, ppo, backend, vf_coef, train_actor)
+
+
+def _means(totals: dict, count: int, grad_norm: float, experience: Experience, ppo: PPOSection, backend,
+           vf_coef: float, train_actor: bool) -> dict:
+    # Every rank logs the same numbers: the token-means over all ranks' minibatches.
+    keys = sorted(totals)
+    summed = backend.all_reduce_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64,
+                                                 device=backend.device)).tolist()
+    means = {k: v / (count * backend.world_size) for k, v in zip(keys, summed, strict=True)}
+    means["loss"] = ((1.0 if train_actor else 0.0) * means["policy_loss"]
+                     + vf_coef * means.get("value_loss", 0.0) + ppo.ptx_coef * means.get("ptx_loss", 0.0))
+    means["grad_norm"] = grad_norm / count
+    if experience.old_values is not None:
+        means["explained_variance"] = float(explained_variance(
+            experience.old_values, experience.returns, experience.rollout.response_mask))
     return means

@@ -1,0 +1,72 @@
+"""An exponential moving average of the actor's trainable weights (`ppo.ema_decay`).
+
+After every applied optimizer step: ema ← decay·ema + (1 − decay)·θ, for the policy's
+trainable weights only (its LoRA adapter; never the value head or a critic adapter). It
+starts equal to the actor (a fresh LoRA: B = 0) and is kept in float32 beside the model.
+`final/` holds the EMA policy (what OpenRLHF's --enable_ema saves for inference) and
+`final-online/` the last online weights; evaluations during the run score the EMA policy.
+Checkpoints carry it (`ema.safetensors`), so a resumed run continues it exactly.
+
+Each process keeps a full copy: with ZeRO-3 the weights are partitioned, which is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .adapters import POLICY
+
+EMA_FILE = "ema.safetensors"
+
+
+def actor_parameters(arrangement) -> dict[str, torch.nn.Parameter]:
+    """The policy's trainable weights, by name in the arrangement (`actor.` ... `.default.`)."""
+    return {name: p for name, p in arrangement.named_parameters()
+            if p.requires_grad and name.startswith("actor.") and f".{POLICY}." in name}
+
+
+class ActorEMA:
+    def __init__(self, arrangement, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.params = actor_parameters(arrangement)
+        self.shadow = {n: p.detach().to(torch.float32, copy=True) for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """ema + (1 − decay)·(θ − ema), i.e. decay·ema + (1 − decay)·θ."""
+        for name, param in self.params.items():
+            self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The actor runs with the EMA weights inside the block; the online ones come back after."""
+        online = {n: p.detach().clone() for n, p in self.params.items()}
+        try:
+            with torch.no_grad():
+                for name, param in self.params.items():
+                    param.copy_(self.shadow[name])
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in self.params.items():
+                    param.copy_(online[name])
+
+    def state_dict_for(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A copy of a full state dict (the arrangement's) with the EMA in the actor's place."""
+        return {k: (self.shadow[k].to(v.dtype) if k in self.shadow else v) for k, v in state.items()}
+
+    def save(self, directory: Path) -> None:
+        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(Path(directory) / EMA_FILE))
+
+    def load(self, directory: Path) -> None:
+        state = load_file(str(Path(directory) / EMA_FILE))
+        if state.keys() != self.shadow.keys():
+            raise RuntimeError(f"{EMA_FILE} does not match the actor's weights")
+        for name, tensor in state.items():
+            self.shadow[name].copy_(tensor)

@@ -1,0 +1,50 @@
+"""What a PPO recipe will do, in words, for `rlhf ppo --dry-run` (no torch, no I/O)."""
+
+from __future__ import annotations
+
+import math
+
+from ...schema import Recipe
+
+_ESTIMATORS = {
+    "grpo": "each score minus its prompt's mean, over that group's std",
+    "rloo": "each score minus the mean of its prompt's other samples",
+    "reinforce_pp": "REINFORCE++: discounted returns, whitened over the batch",
+}
+_WITHOUT_CRITIC = {
+    "1base-1lora": "one base: the policy LoRA (+ the frozen RM adapter with an RM)",
+    "2base-2lora": "policy base + policy LoRA; the RM base with the frozen RM adapter",
+    "separate": "actor, a frozen reference copy (+ the RM model with an RM)",
+}
+
+
+def ppo_plan(recipe: Recipe) -> list[str]:
+    ppo, train = recipe.ppo, recipe.train
+    responses = ppo.rollout_batch_size * ppo.samples_per_prompt
+    minibatches = math.ceil(responses / ppo.mini_batch_size)
+    sampled = (f"{ppo.rollout_batch_size} prompts x {ppo.samples_per_prompt} samples = {responses} responses"
+               if ppo.samples_per_prompt > 1 else f"{responses} prompts, one response each")
+    iterations = f"{train.max_steps} iterations" if train.max_steps else f"{train.epochs:g} epochs of prompts"
+    lines = [f"rollout: {sampled} per process per iteration; {iterations}",
+             f"updates: {ppo.ppo_epochs} epochs x {minibatches} minibatches of up to {ppo.mini_batch_size} "
+             f"responses = {ppo.ppo_epochs * minibatches} optimizer steps per iteration"]
+    if ppo.advantage == "gae":
+        lines.append(f"advantage: gae (gamma {ppo.gamma}, lambda {ppo.lam}) with a critic: value head, "
+                     f"value loss, arrangement {ppo.arrangement}")
+    else:
+        lines.append(f"advantage: {ppo.advantage} ({_ESTIMATORS[ppo.advantage]}); critic-free: no value "
+                     "head, no value loss, no critic learning rate")
+        lines.append(f"arrangement {ppo.arrangement} without a critic: {_WITHOUT_CRITIC[ppo.arrangement]}")
+    kl = f"adaptive from {ppo.kl_coef} to KL {ppo.kl_target}" if ppo.adaptive_kl else str(ppo.kl_coef)
+    lines.append(f"KL penalty in the reward: {ppo.kl_estimator}, coefficient {kl}")
+    if ppo.ptx_coef > 0:
+        lines.append(f"ptx: + {ppo.ptx_coef} x SFT loss on {ppo.ptx_data}, "
+                     f"{ppo.ptx_batch_size or ppo.mini_batch_size} rows per optimizer step")
+    else:
+        lines.append("ptx: off (ppo.ptx_coef 0)")
+    if ppo.ema_decay:
+        lines.append(f"actor EMA: decay {ppo.ema_decay}; final/ holds the EMA policy, final-online/ the "
+                     "last online weights")
+    else:
+        lines.append("actor EMA: off (ppo.ema_decay unset)")
+    return lines

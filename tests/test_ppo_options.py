@@ -1,0 +1,296 @@
+"""PPO options in process: the ptx loss, the actor EMA, skipped NaN/inf updates, the
+dry-run plan. Each against numbers worked by hand or computed another way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_ppo import RECIPE, OneProcess, rollout_of
+
+from rlhf_cli.config import load_recipe
+from rlhf_cli.errors import UserError
+from rlhf_cli.stages.common import tokenizer_for
+from rlhf_cli.stages.ppo import update as update_module
+from rlhf_cli.stages.ppo.build import build_arrangement
+from rlhf_cli.stages.ppo.ema import EMA_FILE, ActorEMA
+from rlhf_cli.stages.ppo.experience import build_experience
+from rlhf_cli.stages.ppo.guard import BadUpdates
+from rlhf_cli.stages.ppo.optim import ppo_optimizer
+from rlhf_cli.stages.ppo.plan import ppo_plan
+from rlhf_cli.stages.ppo.ptx import PtxBatches
+from rlhf_cli.stages.ppo.saving import WithPPOState
+from rlhf_cli.stages.ppo.update import _rows, minibatch_loss, ppo_update
+
+PTX = ["ppo.ptx_coef=0.3", "ppo.ptx_data=builtin:sort", "ppo.ptx_batch_size=4"]
+
+
+def recipe_with(*overrides: str):
+    return load_recipe(RECIPE, ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=1",
+                                "train.lr=1e-2", "model.lora.dropout=0.0", *overrides])
+
+
+def setup(recipe, seed: int = 0):
+    """An arrangement whose actor differs from the base, a rollout with varied scores, and
+    the one-process backend of test_ppo."""
+    tokenizer = tokenizer_for(recipe)
+    torch.manual_seed(seed)
+    arrangement = build_arrangement(recipe, tokenizer)
+    with torch.no_grad():
+        for name, param in arrangement.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    rollout = rollout_of(arrangement, recipe, tokenizer)
+    scores = torch.linspace(-1.0, 1.0, rollout.input_ids.shape[0])
+    optimizer = ppo_optimizer(arrangement, recipe)
+    backend = OneProcess(arrangement, optimizer)
+    experience = build_experience(arrangement, rollout, scores, recipe.ppo, 0.05, backend, None)
+    return tokenizer, arrangement, experience, backend
+
+
+# ------------------------------------------------------------------------------- ptx
+
+
+def test_ptx_data_is_read_as_rlhf_sft_reads_it(rlhf_home):
+    from rlhf_cli.stages.sft import load_examples
+
+    recipe = recipe_with(*PTX)
+    tokenizer = tokenizer_for(recipe)
+    backend = OneProcess(None, None)
+    batches = PtxBatches(recipe, tokenizer, backend)
+    assert batches.examples == load_examples(recipe, tokenizer, "builtin:sort", "data.train", backend)
+    first, again, second = batches(0), batches(0), batches(1)
+    assert first["input_ids"].shape[0] == 4
+    assert all(torch.equal(first[k], again[k]) for k in first)  # a function of the update number
+    assert not torch.equal(first["input_ids"], second["input_ids"])
+
+
+def test_ptx_loss_is_the_ppo_loss_plus_coef_times_the_sft_loss(rlhf_home):
+    recipe = recipe_with(*PTX)
+    tokenizer, arrangement, experience, backend = setup(recipe)
+    ptx = PtxBatches(recipe, tokenizer, backend)(3)
+    rows = _rows(experience, torch.arange(4))
+    width = experience.rollout.prompt_width
+    arrangement.train()  # LoRA dropout is 0: train mode is deterministic
+    with_ptx, stats = minibatch_loss(arrangement, rows, width, recipe.ppo, 0.1, True, ptx)
+    without, plain_stats = minibatch_loss(arrangement, rows, width, recipe.ppo, 0.1, True)
+    # The SFT loss computed independently: the full logits of the policy (adapter on), next-token
+    # cross-entropy averaged over the labelled tokens.
+    logits = arrangement.actor(input_ids=ptx["input_ids"], attention_mask=ptx["attention_mask"]).logits
+    sft = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ptx["labels"][:, 1:].flatten(),
+                          ignore_index=-100)
+    torch.testing.assert_close(with_ptx, without + 0.3 * sft, rtol=0, atol=1e-6)
+    assert stats["ptx_loss"] == pytest.approx(float(sft.detach()), abs=1e-6)
+    assert plain_stats["policy_loss"] == stats["policy_loss"] and "ptx_loss" not in plain_stats
+    assert float(sft.detach()) > 1.0  # far from zero: a wrong weight could not hide
+    # The ptx term trains the policy: its gradient reaches the actor's adapter.
+    arrangement.zero_grad()
+    (with_ptx - without).backward()
+    moved = {n for n, p in arrangement.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert moved and all(n.startswith("actor.") and ".default." in n for n in moved)
+
+
+def test_ppo_update_feeds_one_ptx_batch_per_update_numbered_over_the_run(rlhf_home):
+    recipe = recipe_with(*PTX)
+    tokenizer, arrangement, experience, backend = setup(recipe)
+    batches = PtxBatches(recipe, tokenizer, backend)
+    asked = []
+
+    def recording(update: int) -> dict:
+        asked.append(update)
+        return batches(update)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(backend.optimizer, lambda _: 1.0)
+    stats = ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=0.1,
+                       train_actor=True, seed=0, first_update=6, ptx_batches=recording)
+    assert asked == [6, 7]  # 8 responses / minibatches of 4, one epoch
+    assert stats["loss"] == pytest.approx(stats["policy_loss"] + 0.1 * stats["value_loss"]
+                                          + 0.3 * stats["ptx_loss"])
+
+
+# ------------------------------------------------------------------------------- EMA
+
+
+class Fake(torch.nn.Module):
+    """Named like an arrangement: the policy adapter under `actor.` `.default.`, a value head."""
+
+    def __init__(self):
+        super().__init__()
+        self.actor = torch.nn.ModuleDict({"default": torch.nn.Linear(2, 1, bias=False)})
+        self.value_head = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.actor["default"].weight.copy_(torch.tensor([[1.0, 2.0]]))
+
+
+def test_ema_by_hand():
+    model = Fake()
+    ema = ActorEMA(model, 0.75)
+    weight = model.actor["default"].weight
+    assert list(ema.shadow) == ["actor.default.weight"]  # the value head is not the policy
+    with torch.no_grad():
+        weight.copy_(torch.tensor([[3.0, 0.0]]))
+    ema.update()  # 0.75·[1, 2] + 0.25·[3, 0] = [1.5, 1.5]
+    torch.testing.assert_close(ema.shadow["actor.default.weight"], torch.tensor([[1.5, 1.5]]))
+    with torch.no_grad():
+        weight.copy_(torch.tensor([[1.5, 3.5]]))
+    ema.update()  # 0.75·[1.5, 1.5] + 0.25·[1.5, 3.5] = [1.5, 2.0]
+    torch.testing.assert_close(ema.shadow["actor.default.weight"], torch.tensor([[1.5, 2.0]]))
+    with ema.applied():  # the EMA weights in place, the online ones back afterwards
+        assert weight.tolist() == [[1.5, 2.0]]
+    assert weight.tolist() == [[1.5, 3.5]]
+    state = ema.state_dict_for(model.state_dict())
+    assert state["actor.default.weight"].tolist() == [[1.5, 2.0]]
+    assert torch.equal(state["value_head.weight"], model.value_head.weight)
+    with pytest.raises(ValueError, match="decay"):
+        ActorEMA(model, 1.0)
+
+
+def test_ema_travels_with_the_checkpoint(tmp_path):
+    class Stub:
+        is_main = True
+        saved: list = []
+
+        def save_state(self, directory):
+            self.saved.append(directory)
+
+        def load_state(self, directory):
+            self.saved.append(("load", directory))
+
+    model = Fake()
+    ema = ActorEMA(model, 0.5)
+    with torch.no_grad():
+        model.actor["default"].weight.add_(1.0)
+    ema.update()  # [1.5, 2.5]
+    backend = Stub()
+    WithPPOState(backend, ema).save_state(tmp_path)
+    assert (tmp_path / EMA_FILE).is_file() and backend.saved == [tmp_path]
+    other = ActorEMA(Fake(), 0.5)  # a fresh run: EMA = the initial weights
+    WithPPOState(backend, other).load_state(tmp_path)
+    assert other.shadow["actor.default.weight"].tolist() == [[1.5, 2.5]]
+    assert WithPPOState(backend, ema).is_main  # everything else is the backend's
+
+
+def test_ppo_update_moves_the_ema_after_each_applied_step(rlhf_home):
+    recipe = recipe_with("ppo.ema_decay=0.5")
+    _, arrangement, experience, backend = setup(recipe)
+    ema = ActorEMA(arrangement, 0.5)
+    start = {n: t.clone() for n, t in ema.shadow.items()}
+    snapshots = []
+    real_update = ema.update
+
+    def update():
+        snapshots.append({n: p.detach().clone() for n, p in ema.params.items()})
+        real_update()
+
+    ema.update = update
+    scheduler = torch.optim.lr_scheduler.LambdaLR(backend.optimizer, lambda _: 1.0)
+    ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=0.1, train_actor=True,
+               seed=0, ema=ema)
+    assert len(snapshots) == 2  # two updates
+    for name, value in ema.shadow.items():  # ((start/2 + θ1/2)/2 + θ2/2)
+        expected = 0.25 * start[name] + 0.25 * snapshots[0][name] + 0.5 * snapshots[1][name]
+        torch.testing.assert_close(value, expected)
+    assert not ema.shadow.keys() & {n for n, _ in arrangement.named_parameters() if "value_head" in n}
+
+
+# ------------------------------------------------------------------ NaN/inf updates
+
+
+def test_bad_updates_count_and_stop_after_max_in_a_row(tmp_path):
+    guard = BadUpdates(3, can_skip=True)
+    for bad in (False, True, True, False, True, True):
+        guard.record(bad, iteration=2)
+    assert guard.state() == {"bad_steps": 4, "bad_in_a_row": 2}
+    guard.checkpoint = tmp_path / "checkpoints" / "step-1"
+    with pytest.raises(UserError) as stopped:
+        guard.record(True, iteration=3)
+    message = str(stopped.value)
+    assert "NaN/inf in 3 updates in a row, the last in iteration 3" in message
+    assert "train.max_bad_steps=3" in message
+    assert f"the newest checkpoint, {guard.checkpoint}, is kept" in message
+    resumed = BadUpdates(3, can_skip=True)
+    resumed.load({"bad_steps": 4, "bad_in_a_row": 2})
+    assert resumed.state() == {"bad_steps": 4, "bad_in_a_row": 2}
+    with pytest.raises(UserError, match="NaN/inf in iteration 5; .* no checkpoint was saved"):
+        BadUpdates(3, can_skip=False).record(True, iteration=5)  # DeepSpeed: the first one stops
+
+
+def _poisoned(monkeypatch, bad_calls: set[int], how: str):
+    """policy_loss with a NaN loss, or a finite loss with NaN gradients, at the given calls."""
+    real, calls = update_module.policy_loss, [0]
+
+    def policy_loss(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] in bad_calls:
+            # sqrt(0·x) is 0 with an infinite derivative: 0 · inf = NaN gradients.
+            loss = loss * float("nan") if how == "loss" else loss + torch.sqrt(loss * 0.0)
+        return loss, stats
+
+    monkeypatch.setattr(update_module, "policy_loss", policy_loss)
+
+
+@pytest.mark.parametrize("how", ["loss", "gradients"])
+def test_a_nan_update_is_skipped_and_leaves_weights_moments_and_ema_alone(how, rlhf_home, monkeypatch):
+    recipe = recipe_with("ppo.mini_batch_size=8")  # one update per call
+    _, arrangement, experience, backend = setup(recipe)
+    ema = ActorEMA(arrangement, 0.5)
+    guard = BadUpdates(3, can_skip=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(backend.optimizer, lambda _: 1.0)
+    before = {n: p.detach().clone() for n, p in arrangement.named_parameters()}
+    shadow = {n: t.clone() for n, t in ema.shadow.items()}
+    _poisoned(monkeypatch, {1}, how)
+
+    def update(seed):
+        return ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=0.1,
+                          train_actor=True, seed=seed, guard=guard, ema=ema)
+
+    assert update(0) == {}  # nothing applied: no numbers to report
+    assert all(torch.equal(p, before[n]) for n, p in arrangement.named_parameters())
+    assert backend.optimizer.state_dict()["state"] == {}  # no Adam moments either
+    assert all(p.grad is None for p in arrangement.parameters())  # the gradients were dropped
+    assert all(torch.equal(t, shadow[n]) for n, t in ema.shadow.items())
+    assert scheduler.last_epoch == 1  # the schedule still moved on
+    assert guard.state() == {"bad_steps": 1, "bad_in_a_row": 1}
+    stats = update(1)  # the next one trains again and resets the run of bad ones
+    assert torch.isfinite(torch.tensor(list(stats.values()))).all()
+    assert any(not torch.equal(p, before[n]) for n, p in arrangement.named_parameters())
+    assert guard.state() == {"bad_steps": 1, "bad_in_a_row": 0}
+
+
+def test_repeated_nan_updates_stop_inside_the_iteration(rlhf_home, monkeypatch):
+    recipe = recipe_with("ppo.ppo_epochs=4")  # 8 updates
+    _, arrangement, experience, backend = setup(recipe)
+    guard = BadUpdates(3, can_skip=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(backend.optimizer, lambda _: 1.0)
+    _poisoned(monkeypatch, {2, 3, 4, 5, 6}, "loss")
+    with pytest.raises(UserError, match="3 updates in a row, the last in iteration 7"):
+        ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=0.1,
+                   train_actor=True, seed=0, iteration=7, guard=guard)
+    assert scheduler.last_epoch == 4  # stopped at the third bad update
+
+
+# -------------------------------------------------------------------------- dry run
+
+
+def test_the_dry_run_plan_names_the_options():
+    plain = "\n".join(ppo_plan(load_recipe(RECIPE)))
+    assert "64 prompts, one response each" in plain and "2 epochs x 2 minibatches" in plain
+    assert "advantage: gae" in plain and "ptx: off" in plain and "actor EMA: off" in plain
+    recipe = load_recipe(RECIPE, ["ppo.advantage=rloo", "ppo.samples_per_prompt=4",
+                                  "ppo.rollout_batch_size=16", *PTX, "ppo.ema_decay=0.99"])
+    text = "\n".join(ppo_plan(recipe))
+    assert "16 prompts x 4 samples = 64 responses" in text
+    assert "advantage: rloo" in text and "critic-free: no value head, no value loss" in text
+    assert "ptx: + 0.3 x SFT loss on builtin:sort, 4 rows per optimizer step" in text
+    assert "actor EMA: decay 0.99; final/ holds the EMA policy" in text
+
+
+def test_ptx_data_path_is_stored_absolute(tmp_path, monkeypatch):
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"prompt": "sort ba =", "response": " ab"}\n')
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(RECIPE, ["ppo.ptx_coef=0.1", "ppo.ptx_data=sft.jsonl"])
+    assert recipe.ppo.ptx_data == str(data) and Path(recipe.ppo.ptx_data).is_absolute()
