@@ -59,7 +59,8 @@ def test_pairs_become_two_unpaired_examples_lazily():
     assert len(view) == 2
     assert view[0] == {"input_ids": [1, 5], "labels": [IGN, 5], "label": True}
     assert view[1]["label"] is False and view[-1]["input_ids"] == [1, 6]
-    assert view[0:2] == [view[0], view[1]]
+    assert list(view[0:2]) == [view[0], view[1]] and list(view[1::2]) == [view[1]]
+    assert isinstance(view[::2], UnpairedView)  # slices stay views, not copies
 
 
 class TableObjective(torch.nn.Module):

@@ -2,8 +2,10 @@
 
 Every row is a plain `dict`. `load_rows` returns a sequence of rows that also remembers where
 each row came from (`file.jsonl:12`), so that later validation errors can point at the line.
-JSON Lines files (the format for big data sets) are not held in memory: `JsonlRows` keeps
-each row's byte offset and parses the line when the row is read.
+No format is held in memory as rows: `JsonlRows` keeps each line's byte offset and parses the
+line when the row is read; a .json list (json_array.py) and a .csv file (csv_rows.py) are
+indexed the same way; parquet is spooled to a temporary Arrow file read a small batch at a
+time, and a hub dataset is read from its memory-mapped Arrow cache (arrow_rows.py).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import re
 import shutil
 import tempfile
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from rlhf_cli.data.arrow_rows import HubRows, load_parquet
+from rlhf_cli.data.csv_rows import CsvRows
+from rlhf_cli.data.json_array import JsonArrayRows, JsonLinesInstead, index_json
 from rlhf_cli.errors import UserError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
@@ -137,7 +142,7 @@ def _parse_line(line: bytes | str, path: str, lineno: int) -> dict:
     return row
 
 
-def load_rows(path: str, split: str = "train") -> Rows | JsonlRows:
+def load_rows(path: str, split: str = "train") -> Sequence[dict]:
     """All rows of a local data file, or of a hub dataset when `path` looks like `org/name`."""
     local = Path(path)
     if local.is_dir():
@@ -152,7 +157,7 @@ def load_rows(path: str, split: str = "train") -> Rows | JsonlRows:
     elif name.endswith(".json"):
         rows = _load_json(path)
     elif name.endswith(".parquet"):
-        rows = _load_parquet(path)
+        rows = load_parquet(path)
     elif name.endswith(".csv"):
         rows = _load_csv(path)
     else:
@@ -160,73 +165,34 @@ def load_rows(path: str, split: str = "train") -> Rows | JsonlRows:
     return _check_nonempty(rows, path)
 
 
-def _parse_jsonl(lines, path: str) -> Iterator[tuple[str, dict]]:
-    for lineno, line in enumerate(lines, start=1):
-        if line.strip():
-            yield f"{path}:{lineno}", _parse_line(line, path, lineno)
-
-
-def _load_json(path: str) -> Rows:
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+def _load_json(path: str) -> JsonArrayRows | JsonlRows:
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":
-            # A .json file that is really JSON Lines: common enough to accept
-            pairs = list(_parse_jsonl(text.splitlines(), path))
-            return Rows([row for _, row in pairs], [where for where, _ in pairs])
-        raise UserError(f"malformed JSON: {exc}", where=f"{path}:{exc.lineno}") from exc
-    if isinstance(data, dict):
-        key = next((k for k in ("data", "train") if isinstance(data.get(k), list)), None)
-        if key is None:
-            raise UserError(f"{path}: expected a list of objects, or an object with a 'data' or "
-                            "'train' list")
-        data = data[key]
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a list of objects, got {type(data).__name__}")
-    for i, row in enumerate(data):
-        if not isinstance(row, dict):
-            raise UserError(f"expected a JSON object, got {type(row).__name__}",
-                            where=f"{path} row {i + 1}")
-    return Rows(data, [f"{path} row {i + 1}" for i in range(len(data))])
+        return index_json(path)
+    except JsonLinesInstead:
+        # A .json file that is really JSON Lines: common enough to accept
+        return JsonlRows(path)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
 
 
-def _load_parquet(path: str) -> Rows:
-    import pyarrow.parquet as pq
-
+def _load_csv(path: str) -> CsvRows:
     try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises several unrelated types for bad files
-        raise UserError(f"cannot read parquet file {path}: {exc}") from exc
-    return Rows(rows, [f"{path} row {i + 1}" for i in range(len(rows))])
-
-
-def _load_csv(path: str) -> Rows:
-    import pandas as pd
-
-    try:
-        # Everything as text, and empty cells as "" rather than NaN: an empty Alpaca `input`
-        # must stay an empty string, and "1.0" must not become a float.
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as exc:  # pandas parser errors have no common base class
+        return CsvRows(path)
+    except OSError as exc:
         raise UserError(f"cannot read csv file {path}: {exc}") from exc
-    rows = frame.to_dict(orient="records")
-    # header is line 1; this is exact unless a cell contains a newline
-    return Rows(rows, [f"{path}:{i + 2}" for i in range(len(rows))])
 
 
-def _load_hub(name: str, split: str) -> Rows:
+def _load_hub(name: str, split: str) -> HubRows:
     if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0"):
         raise UserError(f"data file not found: {name} (HF_HUB_OFFLINE is set, so it was not "
                         "looked up as a hub dataset)")
     try:
         import datasets
 
-        rows = datasets.load_dataset(name, split=split).to_list()
+        dataset = datasets.load_dataset(name, split=split)
     except Exception as exc:  # network, auth, missing split, ...: all are input problems here
         raise UserError(f"cannot load hub dataset {name} (split {split!r}): {exc}") from exc
-    return Rows(rows, [f"{name} row {i + 1}" for i in range(len(rows))])
+    return HubRows(dataset, name)
 
 
 def _check_nonempty(rows, path: str):

@@ -23,6 +23,7 @@ from dataclasses import replace
 from enum import Enum
 from typing import Any
 
+from rlhf_cli.data.lazy import LazyExamples, located, with_location
 from rlhf_cli.data.sft import (
     IGNORE_INDEX,
     DropReason,
@@ -301,49 +302,39 @@ def _shared_prompt(chosen: list[Token], rejected: list[Token]
 
 def build_preference_dataset(rows: list[dict], tokenizer: Any, template: str, max_length: int,
                              max_prompt_length: int | None, source: str
-                             ) -> tuple[list[dict], DropReport]:
-    """Tokenized pairs (plus their `prompt`/`chosen`/`rejected` texts) and a DropReport."""
+                             ) -> tuple[LazyExamples, DropReport]:
+    """Tokenized pairs (plus their `prompt`/`chosen`/`rejected` texts) and a DropReport.
+
+    The pairs are tokenized when read (see `lazy.py`); this call reads every row once to count
+    the drops and find the errors.
+    """
     _check_lengths(max_length, max_prompt_length)
     template_obj = get_template(template)  # an unknown name fails before any row is read
-    examples, report = [], DropReport(total=len(rows))
-    for where, row in located_rows(rows, source):
+
+    def make(row: dict, where: str) -> dict | Drop:
         pair = to_preference(row, where)
         if not isinstance(pair, tuple):
-            report.dropped[pair] += 1
-            continue
+            return pair
         conversation, chosen, rejected = pair
         result = with_location(where, tokenize_pair, conversation, chosen, rejected, tokenizer,
                                template_obj, max_length, max_prompt_length)
         if not isinstance(result, dict):
-            report.dropped[result] += 1
-            continue
-        report.truncated.update(result.pop("truncated"))
-        examples.append({**result, "prompt": prompt_text(conversation), "chosen": chosen,
-                         "rejected": rejected})
+            return result
+        return {**result, "prompt": prompt_text(conversation), "chosen": chosen,
+                "rejected": rejected}
+
+    report = DropReport(total=len(rows))
+    examples = LazyExamples.build(rows, source, make, report)
     return examples, _finish(report, examples, source)
 
 
 def located_rows(rows: list[dict], source: str):
     """(where, row) pairs: "file.jsonl:12" when the rows know their origin, else "source row i"."""
-    locations = getattr(rows, "locations", None)
-    for i, row in enumerate(rows):
-        where = locations[i] if locations else f"{source} row {i + 1}"
-        if not isinstance(row, dict):
-            raise UserError(f"expected an object, got {type(row).__name__}", where=where)
+    for _, where, row in located(rows, source):
         yield where, row
 
 
-def with_location(where: str, fn, *args):
-    """Call fn, giving a location to the UserErrors that have none (e.g. template errors)."""
-    try:
-        return fn(*args)
-    except UserError as exc:
-        if exc.where is not None:
-            raise
-        raise UserError(str(exc), where=where) from exc
-
-
-def _finish(report: DropReport, examples: list[dict], source: str) -> DropReport:
+def _finish(report: DropReport, examples, source: str) -> DropReport:
     report.kept = len(examples)
     if not examples:
         raise UserError(f"every row of {source} was dropped ({report.summary()}); check the "

@@ -16,10 +16,10 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
+from rlhf_cli.data.lazy import LazyExamples
 from rlhf_cli.data.preference import FORMATS as PREFERENCE_FORMATS
 from rlhf_cli.data.preference import (
     PairDrop,
-    located_rows,
     messages_of,
     parse_pair,
     prompt_text,
@@ -62,7 +62,7 @@ def _up_to_last_user(messages: list[dict], where: str) -> list[dict]:
 
 def build_prompt_dataset(rows: list[dict], tokenizer: Any, template: str,
                          max_prompt_length: int | None, source: str
-                         ) -> tuple[list[dict], DropReport]:
+                         ) -> tuple[LazyExamples, DropReport]:
     """`{"prompt", "prompt_input_ids"}` per usable row, and a DropReport.
 
     `prompt` is the text of the last user turn (what a reward function is called with);
@@ -71,18 +71,18 @@ def build_prompt_dataset(rows: list[dict], tokenizer: Any, template: str,
     if max_prompt_length is not None and max_prompt_length < 1:
         raise UserError(f"max_prompt_length must be at least 1, got {max_prompt_length}")
     get_template(template)  # an unknown name is an error before any row is read
-    examples, report = [], DropReport(total=len(rows))
-    for where, row in located_rows(rows, source):
+
+    def make(row: dict, where: str) -> dict | PairDrop | PromptDrop:
         conversation = to_prompt(row, where)
         if not isinstance(conversation, list):
-            report.dropped[conversation] += 1
-            continue
+            return conversation
         ids = with_location(where, prompt_ids_for_generation, conversation, tokenizer, template, None)
         if max_prompt_length is not None and len(ids) > max_prompt_length:
-            report.dropped[PromptDrop.TOO_LONG] += 1
-            continue
-        examples.append({"prompt": prompt_text(conversation), "prompt_input_ids": ids})
-    report.kept = len(examples)
+            return PromptDrop.TOO_LONG
+        return {"prompt": prompt_text(conversation), "prompt_input_ids": ids}
+
+    report = DropReport(total=len(rows))
+    examples = LazyExamples.build(rows, source, make, report)
     if not examples:
         raise UserError(f"every row of {source} was dropped ({report.summary()}); check the "
                         "data format, or raise max_prompt_length")

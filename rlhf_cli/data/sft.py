@@ -9,10 +9,12 @@ on an EOS that carries loss. Rows that cannot fit are dropped and counted by `Dr
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from rlhf_cli.data.lazy import LazyExamples, with_location
 from rlhf_cli.data.templates import (
     ROLES,
     Template,
@@ -177,42 +179,41 @@ def _truncate_response(response: list[Token], budget: int, eos_id: int) -> list[
 
 def build_sft_dataset(rows: list[dict], tokenizer: Any, template: str, max_length: int,
                       max_prompt_length: int | None, source: str
-                      ) -> tuple[list[dict], DropReport]:
-    """Tokenized `{"input_ids", "labels"}` examples for every row that fits, and a DropReport."""
+                      ) -> tuple[LazyExamples, DropReport]:
+    """Tokenized `{"input_ids", "labels"}` examples for every row that fits, and a DropReport.
+
+    The examples are tokenized when read (see `lazy.py`); this call reads every row once to
+    count the drops and find the errors.
+    """
     _check_lengths(max_length, max_prompt_length)
     chosen = get_template(template)
-    locations = getattr(rows, "locations", None)
-    examples, report = [], DropReport(total=len(rows))
-    for i, row in enumerate(rows):
-        where = locations[i] if locations else f"{source} row {i + 1}"
-        if not isinstance(row, dict):
-            raise UserError(f"expected an object, got {type(row).__name__}", where=where)
+
+    def make(row: dict, where: str) -> dict | DropReason:
         conversation = to_conversation(row, where)
-        try:
-            result = tokenize_conversation(conversation, tokenizer, chosen, max_length,
-                                           max_prompt_length)
-        except UserError as exc:
-            if exc.where is not None:
-                raise
-            raise UserError(str(exc), where=where) from exc
-        if isinstance(result, DropReason):
-            report.dropped[result] += 1
-            continue
-        report.truncated.update(result.pop("truncated"))
-        examples.append(result)
-    report.kept = len(examples)
+        return with_location(where, tokenize_conversation, conversation, tokenizer, chosen,
+                             max_length, max_prompt_length)
+
+    report = DropReport(total=len(rows))
+    examples = LazyExamples.build(rows, source, make, report)
     if not examples:
         raise UserError(f"every row of {source} was dropped ({report.summary()}); raise "
                         "max_length or max_prompt_length, or check the data")
     return examples, report
 
 
-def loss_on_every_token(examples: list[dict]) -> list[dict]:
+def _labels_on_every_token(example: dict) -> dict:
+    return {**example, "labels": list(example["input_ids"])}
+
+
+def loss_on_every_token(examples: Sequence[dict]) -> Sequence[dict]:
     """`sft.completion_only: false`: labels on the prompt too (plain causal-LM fine-tuning).
 
     Shared by training and `rlhf preview`, so that the preview shows the loss that is trained.
+    Lazily tokenized examples stay lazy.
     """
-    return [{**e, "labels": list(e["input_ids"])} for e in examples]
+    if isinstance(examples, LazyExamples):
+        return examples.map(_labels_on_every_token)
+    return [_labels_on_every_token(e) for e in examples]
 
 
 def _check_lengths(max_length: int, max_prompt_length: int | None) -> None:

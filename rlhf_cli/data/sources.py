@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..errors import UserError
 
 
-def load_source(spec: str, kind: str, key: str = "data.train") -> list[dict]:
+def load_source(spec: str, kind: str, key: str = "data.train") -> Sequence[dict]:
     """Rows of `spec`; `kind` (sft, preference, prompts) picks the built-in task's view."""
     if spec.startswith("builtin:"):
         from ..builtin.tasks import builtin_rows

@@ -212,30 +212,39 @@ def render_prompt(template: Template, conversation: list[dict], tokenizer: Any =
 
 def encode_segments(segments: list[Segment], tokenizer: Any) -> list[Token]:
     """Token ids of `segments`, each tagged with its segment's `train` and `marker` flags."""
+    # The special ids are read once: on a transformers tokenizer each read costs a lookup.
+    bos_id, eos_id = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    fast = getattr(tokenizer, "is_fast", False)
     tokens: list[Token] = []
     run: list[Segment] = []
-    for segment in [*segments, None]:
-        if segment is not None and segment.special is None:
+    for segment in segments:
+        if segment.special is None:
             if segment.text:
                 run.append(segment)
             continue
-        tokens += _encode_run(run, tokenizer)
-        run = []
-        if segment is not None:
-            token_id = _special_id(tokenizer, segment.special)
-            if token_id is not None:
-                tokens.append(Token(token_id, segment.train, segment.marker))
-    return _collapse_repeated_specials(tokens, tokenizer)
+        if run:
+            tokens += _encode_run(run, tokenizer, fast)
+            run = []
+        token_id = bos_id if segment.special == "bos" else eos_id
+        if token_id is None and segment.special == "eos":
+            raise UserError("the tokenizer has no eos_token; SFT needs one to teach the model to stop")
+        if token_id is not None:  # a tokenizer without BOS (e.g. Qwen) simply gets none
+            tokens.append(Token(token_id, segment.train, segment.marker))
+    if run:
+        tokens += _encode_run(run, tokenizer, fast)
+    return _collapse_repeated_specials(tokens, {bos_id, eos_id} - {None})
 
 
-def _encode_run(run: list[Segment], tokenizer: Any) -> list[Token]:
-    if not run:
-        return []
-    if not getattr(tokenizer, "is_fast", False):  # no offsets: encode segment by segment
+def _encode_run(run: list[Segment], tokenizer: Any, fast: bool) -> list[Token]:
+    if not fast:  # no offsets: encode segment by segment
         return [Token(i, s.train, s.marker) for s in run
                 for i in tokenizer.encode(s.text, add_special_tokens=False)]
     # Encoding the run as one string gives the same tokens as inference on the rendered text;
     # each token belongs to the segment holding its first character.
+    if len(run) == 1:
+        (only,) = run
+        ids = tokenizer(only.text, add_special_tokens=False)["input_ids"]
+        return [Token(i, only.train, only.marker) for i in ids]
     text = "".join(s.text for s in run)
     starts = list(accumulate((len(s.text) for s in run[:-1]), initial=0))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -243,17 +252,9 @@ def _encode_run(run: list[Segment], tokenizer: Any) -> list[Token]:
     return [Token(i, s.train, s.marker) for i, s in zip(enc["input_ids"], owners, strict=True)]
 
 
-def _special_id(tokenizer: Any, which: str) -> int | None:
-    token_id = getattr(tokenizer, f"{which}_token_id", None)
-    if token_id is None and which == "eos":
-        raise UserError("the tokenizer has no eos_token; SFT needs one to teach the model to stop")
-    return token_id  # a tokenizer without BOS (e.g. Qwen) simply gets none
-
-
-def _collapse_repeated_specials(tokens: list[Token], tokenizer: Any) -> list[Token]:
+def _collapse_repeated_specials(tokens: list[Token], specials: set[int]) -> list[Token]:
     # "<s>" written by a chat template or "</s>" typed at the end of a response is encoded as the
     # special id too: never emit BOS BOS or EOS EOS, keep one (trained if either was).
-    specials = {tokenizer.bos_token_id, tokenizer.eos_token_id} - {None}
     out: list[Token] = []
     for token in tokens:
         if out and token.id in specials and out[-1].id == token.id:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlhf_cli.data.lazy import LazyExamples
 from rlhf_cli.data.preference import (
     Drop,
     PairDrop,
@@ -15,7 +16,6 @@ from rlhf_cli.data.preference import (
     _fit,
     _response,
     _shared_prompt,
-    located_rows,
     prompt_text,
     prompt_turns,
     with_location,
@@ -67,23 +67,23 @@ def to_unpaired(row: dict, where: str) -> tuple[list[dict], str, bool] | Drop:
 
 def build_unpaired_dataset(rows: list[dict], tokenizer: Any, template: str, max_length: int,
                            max_prompt_length: int | None, source: str
-                           ) -> tuple[list[dict], DropReport]:
+                           ) -> tuple[LazyExamples, DropReport]:
     """KTO examples `{"input_ids", "labels", "label", "prompt", "completion"}` and a DropReport."""
     _check_lengths(max_length, max_prompt_length)
     template_obj = get_template(template)  # an unknown name fails before any row is read
-    examples, report = [], DropReport(total=len(rows))
-    for where, row in located_rows(rows, source):
+
+    def make(row: dict, where: str) -> dict | Drop:
         item = to_unpaired(row, where)
         if not isinstance(item, tuple):
-            report.dropped[item] += 1
-            continue
+            return item
         conversation, completion, label = item
         result = with_location(where, tokenize_completion, conversation, completion, tokenizer,
                                template_obj, max_length, max_prompt_length)
         if not isinstance(result, dict):
-            report.dropped[result] += 1
-            continue
-        report.truncated.update(result.pop("truncated"))
-        examples.append({**result, "label": label, "prompt": prompt_text(conversation),
-                         "completion": completion})
+            return result
+        return {**result, "label": label, "prompt": prompt_text(conversation),
+                "completion": completion}
+
+    report = DropReport(total=len(rows))
+    examples = LazyExamples.build(rows, source, make, report)
     return examples, _finish(report, examples, source)

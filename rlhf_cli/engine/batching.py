@@ -4,12 +4,15 @@ A global batch holds `batch_size * grad_accum * world_size` examples drawn from 
 per-epoch permutation seeded by (seed, epoch). Micro-batch m of rank r takes slice
 `(m * world_size + r)`. The order is a pure function of the step, so resuming needs only
 the step number, and 1 x 8 (batch x accumulation) sees the same 8 examples as 8 x 1.
+The permutation is held as 4-byte integers (4 MB per 1M examples, not 36 MB as a list), shuffled
+by the same `random.Random(...).shuffle` as ever, so the order is unchanged.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from array import array
 
 from ..errors import UserError
 
@@ -29,16 +32,16 @@ class GlobalBatches:
                 f"({batch_size} per process x {grad_accum} accumulation x {world_size} "
                 f"processes = {self.global_batch}): lower train.batch_size or train.grad_accum"
             )
-        self._order_epoch, self._order = -1, []
+        self._order_epoch, self._order = -1, array("q")
 
     def total_steps(self, epochs: float, max_steps: int | None) -> int:
         if max_steps is not None:
             return max_steps
         return max(1, math.ceil(epochs * self.steps_per_epoch))
 
-    def _epoch_order(self, epoch: int) -> list[int]:
+    def _epoch_order(self, epoch: int) -> array:
         if epoch != self._order_epoch:
-            order = list(range(self.num_examples))
+            order = array("i" if self.num_examples < 2**31 else "q", range(self.num_examples))
             if self.shuffle:
                 random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
             self._order_epoch, self._order = epoch, order
@@ -54,7 +57,5 @@ class GlobalBatches:
         start = position * self.global_batch
         batch = order[start:start + self.global_batch]
         size = self.batch_size
-        return [
-            batch[(m * self.world_size + self.rank) * size:(m * self.world_size + self.rank + 1) * size]
-            for m in range(self.grad_accum)
-        ]
+        starts = [(m * self.world_size + self.rank) * size for m in range(self.grad_accum)]
+        return [batch[start:start + size].tolist() for start in starts]

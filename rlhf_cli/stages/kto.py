@@ -34,19 +34,19 @@ class UnpairedView(Sequence):
     A view, not a copy, so that lazily tokenized pair data stays lazy.
     """
 
-    def __init__(self, pairs):
+    def __init__(self, pairs, positions: range | None = None):
         self.pairs = pairs
+        self.positions = range(2 * len(pairs)) if positions is None else positions
 
     def __len__(self) -> int:
-        return 2 * len(self.pairs)
+        return len(self.positions)
 
     def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        side = "chosen" if index % 2 == 0 else "rejected"
-        pair = self.pairs[index // 2]
+        if isinstance(index, slice):  # a view too: evaluation slices its shard per batch
+            return UnpairedView(self.pairs, self.positions[index])
+        position = self.positions[index]
+        side = "chosen" if position % 2 == 0 else "rejected"
+        pair = self.pairs[position // 2]
         return {"input_ids": pair[f"{side}_input_ids"], "labels": pair[f"{side}_labels"],
                 "label": side == "chosen"}
 
