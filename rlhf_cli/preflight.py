@@ -7,6 +7,7 @@ easy, instead of inside N launched workers.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 from .errors import UserError
@@ -31,6 +32,41 @@ def _check_model(spec: str, key: str) -> None:
         raise UserError(f"model not found: {spec}", where=key)
 
 
+def _read_json(path: Path, key: str) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}", where=key) from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object", where=key)
+    return value
+
+
+def _check_reward_model(spec: str, key: str = "ppo.reward_model") -> None:
+    """An RM run (its final/ holds a SEQ_CLS adapter) or a sequence-classifier model directory
+    (`rlhf merge-lora` of an RM run), as PPO's build step reads it."""
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "not found"
+        raise UserError(f"reward model {what}: {spec} (give an `rlhf rm` run or a merged reward "
+                        "model directory)", where=key)
+    for candidate in (path / "final", path):
+        if (candidate / "adapter_config.json").is_file():
+            task = _read_json(candidate / "adapter_config.json", key).get("task_type")
+            if task != "SEQ_CLS":
+                raise UserError(f"{spec} is not a reward model: its adapter is a {task} adapter, not "
+                                "a reward model's SEQ_CLS one (train one with `rlhf rm`)", where=key)
+            return
+        if (candidate / "config.json").is_file():
+            architectures = _read_json(candidate / "config.json", key).get("architectures") or []
+            if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
+                raise UserError(f"{spec} is not a reward model: its architectures are {architectures}, "
+                                "not a ...ForSequenceClassification (train one with `rlhf rm`)", where=key)
+            return
+    raise UserError(f"{spec} holds no reward model: no final/adapter_config.json or config.json "
+                    "(an unfinished `rlhf rm` run?)", where=key)
+
+
 def preflight(recipe: Recipe) -> None:
     _check_data(recipe.data.train, "data.train")
     _check_data(recipe.data.eval, "data.eval")
@@ -45,6 +81,8 @@ def preflight(recipe: Recipe) -> None:
         if spec and spec.partition(":")[0].endswith(".py"):
             if not Path(spec.partition(":")[0]).is_file():
                 raise UserError(f"reward function file not found: {spec}", where=key)
+    if recipe.stage == "ppo" and recipe.ppo.reward_model:
+        _check_reward_model(recipe.ppo.reward_model)
     from .worker import STAGE_RUNNERS
 
     if recipe.stage not in STAGE_RUNNERS:

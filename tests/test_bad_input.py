@@ -27,6 +27,24 @@ train:
   max_steps: 1
   eval_reward_fn: null
 """
+# PPO on two processes: a wrong reward model must be caught before any worker starts.
+PPO = """\
+stage: ppo
+model:
+  base: builtin:tiny
+  lora:
+    r: 4
+data:
+  train: builtin:sort
+  max_length: 32
+train:
+  max_steps: 1
+  eval_reward_fn: null
+ppo:
+  reward_model: rm
+launch:
+  num_processes: 2
+"""
 ROWS = [{"prompt": "sort cba =", "response": " abc"}, {"prompt": "sort fed =", "response": " def"}]
 DATA = "".join(json.dumps(row) + "\n" for row in ROWS)
 
@@ -65,6 +83,17 @@ CASES = {
     "unknown cli option": ({}, ["sft", "-r", "r.yaml", "--epochs", "3"], "--epochs"),
     "resume with nothing to resume": ({}, ["sft", "-r", "r.yaml", "-o", "fresh", "--resume"],
                                       "no complete checkpoint to resume from in fresh"),
+    "missing reward model": ({"p.yaml": PPO}, ["ppo", "-r", "p.yaml"],
+                             "ppo.reward_model: reward model not found: rm"),
+    "reward model that is an SFT adapter": (
+        {"p.yaml": PPO, "rm/adapter_config.json": '{"task_type": "CAUSAL_LM"}'},
+        ["ppo", "-r", "p.yaml"], "/rm is not a reward model: its adapter is a CAUSAL_LM adapter"),
+    "reward model that is a causal LM": (
+        {"p.yaml": PPO, "rm/config.json": '{"architectures": ["LlamaForCausalLM"]}'},
+        ["ppo", "-r", "p.yaml"], "/rm is not a reward model: its architectures are ['LlamaForCausalLM']"),
+    "reward model run without final/": (
+        {"p.yaml": PPO, "rm/metrics.jsonl": "{\"step\": 1}\\n"}, ["ppo", "-r", "p.yaml"],
+        "/rm holds no reward model: no final/adapter_config.json or config.json"),
 }
 
 
@@ -80,6 +109,7 @@ def rlhf(*args: str, cwd: Path, debug: bool = False) -> subprocess.CompletedProc
 
 def setup_files(tmp_path: Path, files: dict[str, str]) -> None:
     for name, text in {"r.yaml": GOOD, "data.jsonl": DATA, **files}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
 
 
@@ -98,6 +128,7 @@ def test_bad_input_is_one_error_line(case, rlhf_home, tmp_path):
     setup_files(tmp_path, files)
     proc = rlhf(*argv, cwd=tmp_path)
     assert_user_error(proc, expected)
+    assert "launching:" not in proc.stderr  # caught before any worker process started
     assert not list(tmp_path.rglob("final")), "something was trained"
     assert not list(tmp_path.rglob("checkpoints"))
 

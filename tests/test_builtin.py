@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import random
 import threading
 
 import pytest
@@ -18,6 +19,8 @@ from rlhf_cli.builtin.model import (
     resolve_builtin,
 )
 from rlhf_cli.builtin.tasks import (
+    LETTERS,
+    MISTAKES,
     builtin_reward_fn,
     builtin_rows,
     sort_exact,
@@ -222,6 +225,58 @@ def test_preference_rejected_is_wrong():
     assert all(r["rejected"] != r["chosen"] for r in rows)
     assert all(sort_exact([r["prompt"]], [r["chosen"]]) == [1.0] for r in rows)
     assert all(sort_exact([r["prompt"]], [r["rejected"]]) == [0.0] for r in rows)
+
+
+def _letters(prompt: str) -> str:
+    return prompt.removeprefix("sort ").removesuffix(" =")
+
+
+def _is_sorted(text: str) -> bool:
+    return list(text) == sorted(text)
+
+
+# What each kind of wrong answer must look like, given (answer, wrong) without the space.
+KIND_SHAPES = {
+    "swap_adjacent": lambda a, w: sorted(w) == list(a) and len(w) == len(a),
+    "shuffle": lambda a, w: sorted(w) == list(a),
+    "replace_one": lambda a, w: len(w) == len(a) and sum(x != y for x, y in zip(a, w, strict=False)) == 1,
+    "drop_one": lambda a, w: len(w) == len(a) - 1 and set(w) < set(a) and _is_sorted(w),
+    "drop_tail": lambda a, w: a.startswith(w) and 1 <= len(a) - len(w) <= 2,
+    "duplicate_one": lambda a, w: len(w) == len(a) + 1 and set(w) == set(a) and _is_sorted(w),
+    "substitute_sorted": lambda a, w: len(w) == len(a) and _is_sorted(w) and 1 <= len(set(w) - set(a)) <= 2,
+    "insert_foreign": lambda a, w: len(w) == len(a) + 1 and _is_sorted(w) and len(set(w) - set(a)) == 1,
+    "extra_trailing": lambda a, w: w.startswith(a) and 1 <= len(w) - len(a) <= 3,
+    "echo_input": lambda a, w: sorted(w) == list(a),
+}
+
+
+def test_every_kind_of_mistake_has_its_shape():
+    assert set(MISTAKES) == set(KIND_SHAPES)
+    rng = random.Random(0)
+    for row in sort_rows("prompts", "train", 300):
+        letters = _letters(row["prompt"])
+        answer = "".join(sorted(letters))
+        for kind, mistake in MISTAKES.items():
+            wrong = mistake(letters, answer, rng)
+            assert KIND_SHAPES[kind](answer, wrong), (kind, letters, wrong)
+            assert set(wrong) <= set(LETTERS), (kind, wrong)
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_preference_pairs_hold_every_kind_of_mistake(split):
+    """Extra letters (trailing, foreign, doubled), missing letters (anywhere, the tail),
+    wrong order and wrong letters: each kind must be common, or a reward model trained on
+    the pairs has no reason to rank it below the answer (and PPO finds the hole)."""
+    rows = sort_rows("preference", split)
+    shares = dict.fromkeys(KIND_SHAPES, 0.0)
+    for row in rows:
+        answer, wrong = row["chosen"][1:], row["rejected"][1:]
+        assert wrong != answer
+        for kind, shape in KIND_SHAPES.items():
+            shares[kind] += shape(answer, wrong) / len(rows)
+    # Ten kinds drawn uniformly: ~10% each (some shapes overlap, e.g. a shuffle may be a swap).
+    assert all(share > 0.06 for share in shares.values()), shares
+    assert shares["extra_trailing"] > 0.08 and shares["drop_tail"] > 0.08, shares
 
 
 def test_eval_and_train_are_disjoint():

@@ -5,8 +5,9 @@
     prompt   "sort dbca ="
     response " abcd"
 
-Short on purpose (at most 22 characters): the built-in tokenizer is byte-level, so this is
-at most ~24 tokens with BOS/EOS, which a tiny model can learn on a CPU in minutes.
+Short on purpose (at most 22 characters; a rejected answer at most 3 more): the built-in
+tokenizer is byte-level, so this is at most ~24 tokens with BOS/EOS, which a tiny model can
+learn on a CPU in minutes.
 
 Data specs: `builtin:sort` (train split), `builtin:sort:eval`, `builtin:sort:<split>:<n>`.
 Train and eval never share a prompt: a fixed hash assigns every possible prompt to one
@@ -84,10 +85,24 @@ def _letter_sets(split: str, n: int, rng: random.Random) -> list[str]:
     return out
 
 
-# Plausible mistakes, each a function of (letters, correct answer without space, rng).
+# Plausible mistakes, each a function of (letters, correct answer without space, rng). They
+# cover the ways an answer can be wrong: wrong order (locally, or all of it), missing letters
+# (anywhere, or the tail cut off), extra letters (a duplicate, a letter the prompt does not
+# have, trailing letters after the answer), wrong letters (in or out of order), and the
+# prompt echoed. A reward model trained without one of these kinds has no reason to rank it
+# below the answer, and PPO finds such holes: with only the first five kinds below (swap,
+# replace, drop one, duplicate, echo), an RM on a 30-step SFT model preferred a sorted answer
+# with a letter the prompt lacks to the exact one on 62% of held-out prompts, and PPO
+# against it learned to answer "sort dbgf =" with " bdgjl" (task score 0.45 -> 0.33).
 def _swap_adjacent(letters: str, answer: str, rng: random.Random) -> str:
     i = rng.randrange(len(answer) - 1)
     return answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :]
+
+
+def _shuffle(letters: str, answer: str, rng: random.Random) -> str:
+    shuffled = list(answer)
+    rng.shuffle(shuffled)
+    return "".join(shuffled)  # may equal the answer: _wrong_answer then draws again
 
 
 def _replace_one(letters: str, answer: str, rng: random.Random) -> str:
@@ -101,20 +116,55 @@ def _drop_one(letters: str, answer: str, rng: random.Random) -> str:
     return answer[:i] + answer[i + 1 :]
 
 
+def _drop_tail(letters: str, answer: str, rng: random.Random) -> str:
+    return answer[: -rng.randint(1, 2)]
+
+
 def _duplicate_one(letters: str, answer: str, rng: random.Random) -> str:
     i = rng.randrange(len(answer))
     return answer[: i + 1] + answer[i:]
+
+
+def _substitute_sorted(letters: str, answer: str, rng: random.Random) -> str:
+    """Still in order, but one or two letters replaced by letters the prompt does not have."""
+    foreign = [c for c in LETTERS if c not in answer]
+    chosen = list(answer)
+    for i in rng.sample(range(len(answer)), rng.randint(1, 2)):
+        chosen[i] = rng.choice(foreign)
+    return "".join(sorted(chosen))
+
+
+def _insert_foreign(letters: str, answer: str, rng: random.Random) -> str:
+    """Still in order, but with a letter the prompt does not have."""
+    return "".join(sorted(answer + rng.choice([c for c in LETTERS if c not in answer])))
+
+
+def _extra_trailing(letters: str, answer: str, rng: random.Random) -> str:
+    return answer + "".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 3)))
 
 
 def _echo_input(letters: str, answer: str, rng: random.Random) -> str:
     return letters
 
 
-_MISTAKES = (_swap_adjacent, _replace_one, _drop_one, _duplicate_one, _echo_input)
+MISTAKES = {
+    "swap_adjacent": _swap_adjacent,
+    "shuffle": _shuffle,
+    "replace_one": _replace_one,
+    "drop_one": _drop_one,
+    "drop_tail": _drop_tail,
+    "duplicate_one": _duplicate_one,
+    "substitute_sorted": _substitute_sorted,
+    "insert_foreign": _insert_foreign,
+    "extra_trailing": _extra_trailing,
+    "echo_input": _echo_input,
+}
+_MISTAKES = tuple(MISTAKES.values())
 
 
 def _wrong_answer(letters: str, rng: random.Random) -> str:
-    """A response that differs from the correct one (echo can coincide: then draw again)."""
+    """A response that differs from the correct one (an echo or a shuffle can coincide with
+    it: then draw again)."""
     answer = sort_answer(letters)[1:]
     while True:
         wrong = rng.choice(_MISTAKES)(letters, answer, rng)
