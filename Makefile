@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-fast demo bench lint clean
+.PHONY: install test test-slow test-all demo bench bench-dpo bench-ppo lint clean
 
 install: $(STAMP)
 
@@ -18,17 +18,31 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-build-isolation -e ".[deepspeed,tensorboard,dev,bench]"
 	touch $(STAMP)
 
+# The default suite: unit, equivalence and end-to-end tests on the tiny model (~10 min on 2
+# cores). The slow ones (multi-process, per-arrangement PPO learning, 1M-row memory, kill
+# tests) run in CI after it: `make test-slow`, or everything with `make test-all`.
 test: install
-	$(BIN)/python -m pytest -q -x tests
+	$(BIN)/python -m pytest -q -x -m "not slow" tests
 
-test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" tests
+test-slow: install
+	$(BIN)/python -m pytest -q -x -m slow tests
+
+test-all: install
+	$(BIN)/python -m pytest -q -x tests
 
 demo: install
 	bash scripts/demo.sh
 
+# bench: SFT against trl (~2 min idle); bench-dpo: DPO against trl; bench-ppo: the four PPO
+# arrangements. Add e.g. BENCH_ARGS="--repeats 3 --json-out out.json".
 bench: install
-	$(BIN)/python benchmarks/bench_sft.py
+	$(BIN)/python benchmarks/bench_sft.py $(BENCH_ARGS)
+
+bench-dpo: install
+	$(BIN)/python benchmarks/bench_dpo.py $(BENCH_ARGS)
+
+bench-ppo: install
+	$(BIN)/python benchmarks/bench_ppo.py $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check rlhf_cli tests benchmarks

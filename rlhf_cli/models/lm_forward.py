@@ -4,7 +4,8 @@ A causal LM's head turns every position's hidden state into a vocabulary-sized r
 SFT with prompt masking and for DPO only response tokens matter. We run the decoder
 through the wrapper's forward (so DDP/DeepSpeed see it) and apply the output head only
 to the positions that carry loss: with a 32k vocabulary this saves most of the logits
-memory and compute.
+memory and compute. With a frozen head (LoRA) the log-probs go through it chunk by chunk
+(`FrozenHeadLogprobs`), so even those positions' logits are never held all at once.
 """
 
 from __future__ import annotations
@@ -68,14 +69,74 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return -F.cross_entropy(logits, targets, reduction="none")
 
 
+# Rows of logits per chunk in `FrozenHeadLogprobs`: 64 MiB of fp32 logits at a time.
+CHUNK_BYTES = 64 * 2**20
+
+
+class FrozenHeadLogprobs(torch.autograd.Function):
+    """log p(target) of each row of `hidden` [N, H] under a frozen output head, chunk by chunk.
+
+    The head is frozen under LoRA, so the only gradient it passes on is d logp / d hidden =
+    (W[target] − softmax·W) / T, an [N, H] tensor: forward computes it chunk by chunk and keeps
+    it, backward scales it by the incoming gradient. No more than a chunk of [N, V] logits is
+    ever held (autograd would keep the logits, their log-softmax and their gradient, each
+    4·N·V bytes), with the same two GEMMs as autograd's forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float):
+        rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        need_grad = ctx.needs_input_grad[0]
+        grads = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_grad else None
+        for start in range(0, hidden.shape[0], rows):
+            part, target = slice(start, start + rows), targets[start:start + rows]
+            logits = F.linear(hidden[part], weight, bias).float()
+            if temperature != 1.0:
+                logits = logits / temperature
+            lse = torch.logsumexp(logits, dim=-1)
+            out[part] = logits.gather(1, target[:, None]).squeeze(1) - lse
+            if need_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+                expected = (probs.to(weight.dtype) @ weight).float()
+                grads[part] = (weight[target].float() - expected) / temperature
+        ctx.hidden_dtype = hidden.dtype
+        if need_grad:
+            ctx.save_for_backward(grads)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grads,) = ctx.saved_tensors
+        return (grad_out[:, None] * grads).to(ctx.hidden_dtype), None, None, None, None
+
+
+def _frozen_head(head) -> bool:
+    """A plain linear head whose parameters take no gradient and are not partitioned (ZeRO-3)."""
+    params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+    return (type(head) is torch.nn.Linear and not any(p.requires_grad for p in params)
+            and not any(hasattr(p, "ds_id") for p in params))
+
+
+def selected_logprobs(model, input_ids, attention_mask, mask, targets, temperature: float = 1.0):
+    """log p(target) [N] at the positions where `mask` ([B, T-1]) is true; `targets` [N]."""
+    lm = inner_causal_lm(model)
+    if supports_partial_head(lm) and _frozen_head(lm.get_output_embeddings()):
+        head = lm.get_output_embeddings()
+        hidden = decoder_of(lm)(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids_from(attention_mask),
+                                use_cache=False).last_hidden_state
+        return FrozenHeadLogprobs.apply(hidden[:, :-1][mask], head.weight, head.bias, targets, temperature)
+    return token_logprobs(selected_logits(model, input_ids, attention_mask, mask), targets, temperature)
+
+
 def sequence_logprobs(model, input_ids, attention_mask, labels, temperature: float = 1.0):
     """Summed log-probs of the labelled tokens of each row, and how many there are.
 
     Returns (logps [B], counts [B]); only labelled positions go through the output head.
     """
     targets, mask = shifted_targets(input_ids, labels)
-    logits = selected_logits(model, input_ids, attention_mask, mask)
-    per_token = token_logprobs(logits, targets[mask], temperature)
+    per_token = selected_logprobs(model, input_ids, attention_mask, mask, targets[mask], temperature)
     rows = mask.nonzero()[:, 0]
     sums = torch.zeros(input_ids.shape[0], dtype=per_token.dtype, device=per_token.device)
     sums = sums.index_add(0, rows, per_token)

@@ -12,6 +12,7 @@ from ..models.loading import (
     load_tokenizer,
     resolve_base,
 )
+from ..models.zero3 import weights_gathered_once
 from ..schema import Recipe
 
 
@@ -51,12 +52,13 @@ def generate(lm, prompt_ids: list[list[int]], tokenizer, max_new_tokens: int, *,
         attention[row, width - len(ids):] = 1
     was_training = lm.training
     lm.eval()
-    out = lm.generate(
-        input_ids=input_ids.to(device), attention_mask=attention.to(device),
-        max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=temperature if do_sample else None, top_p=None, top_k=None,
-        pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced,
-    )
+    with weights_gathered_once(lm):  # ZeRO-3: one all-gather per call, not one per token
+        out = lm.generate(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device),
+            max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature if do_sample else None, top_p=None, top_k=None,
+            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced,
+        )
     lm.train(was_training)
     responses = []
     for row in out[:, width:].tolist():

@@ -6,12 +6,12 @@ a response's first EOS is masked; the EOS itself is part of the response.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from ...data.collate import pad_prompts
+from ...models.zero3 import weights_gathered_once
 
 
 @dataclass
@@ -44,37 +44,6 @@ def sampling_settings(ppo) -> dict:
     return {"do_sample": True, "temperature": ppo.temperature, "top_p": ppo.top_p,
             "top_k": ppo.top_k, "repetition_penalty": 1.0, "typical_p": 1.0,
             "max_new_tokens": ppo.max_new_tokens, "use_cache": True}
-
-
-# Marks the gathered weights as in use for the whole rollout (ZeRO-3 releases only weights
-# that no running module uses); a string never equals a module's integer ds_id.
-_ROLLOUT_USE = "rlhf-rollout"
-
-
-@contextlib.contextmanager
-def weights_gathered_once(model):
-    """Under ZeRO-3, all-gather the generation model's sharded weights once for a rollout.
-
-    Otherwise ZeRO-3's module hooks gather each layer's weights before its forward and
-    release them after it: once per generated token (KV-cache decoding runs the whole model
-    per token). Gathered here, the hooks find them available and, while they are marked as
-    in use, do not release them. The price is one whole copy of the generation model on
-    each rank during the rollout. No-op without ZeRO-3 (no weight has a `ds_id`).
-    """
-    params = [p for p in model.parameters() if hasattr(p, "ds_id") and not getattr(p, "ds_persist", False)]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params):
-        for param in params:
-            param.ds_active_sub_modules.add(_ROLLOUT_USE)
-        try:
-            yield
-        finally:
-            for param in params:
-                param.ds_active_sub_modules.discard(_ROLLOUT_USE)
 
 
 @torch.no_grad()
