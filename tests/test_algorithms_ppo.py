@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from rlhf_cli.algorithms.masked import masked_moments
 from rlhf_cli.algorithms.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -191,6 +192,28 @@ def test_explained_variance_by_hand():
     close(explained_variance(val, ret, mask), -1 / 3)
     close(explained_variance(ret, ret, mask), 1.0)
     assert torch.isnan(explained_variance(val, torch.ones(1, 4), mask))
+
+
+def test_explained_variance_over_processes_equals_one_batch():
+    # Two "processes" each hold half of the rows; summing their moments must give the value
+    # of the whole batch, which neither half gives alone.
+    torch.manual_seed(0)
+    ret, val = torch.randn(6, 5), torch.randn(6, 5)
+    mask = (torch.rand(6, 5) > 0.3).float()
+    whole = explained_variance(val, ret, mask)
+    halves = [(val[:3], ret[:3], mask[:3]), (val[3:], ret[3:], mask[3:])]
+    moments = [(masked_moments(r, m), masked_moments(r - v, m)) for v, r, m in halves]
+    calls = []
+
+    def summed(local):  # stands in for the all-reduce: the other half's matching moments
+        index = len(calls) % 2
+        calls.append(index)
+        other = moments[1][index]
+        return tuple(a + b for a, b in zip(local, other, strict=True))
+
+    v0, r0, m0 = halves[0]
+    close(explained_variance(v0, r0, m0, reduce=summed), float(whole))
+    assert abs(float(explained_variance(v0, r0, m0)) - float(whole)) > 1e-3
 
 
 # ---------------------------------------------------------------- KL controllers

@@ -58,6 +58,52 @@ def test_chunked_frozen_head_matches_autograd(lora_lm, monkeypatch, temperature)
 
 def test_a_trainable_head_takes_the_autograd_path(lora_lm):
     head = lora_lm.get_output_embeddings()
-    assert lm_forward._frozen_head(head)
+    assert lm_forward.frozen_head(head)
     head.weight.requires_grad_(True)
-    assert not lm_forward._frozen_head(head)
+    assert not lm_forward.frozen_head(head)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_entropy_and_logprobs_equal_the_full_logits(monkeypatch, temperature):
+    from rlhf_cli.algorithms.ppo import entropy_from_logits
+
+    monkeypatch.setattr(lm_forward, "CHUNK_BYTES", 4 * 50 * 3)  # 3 rows per chunk of a 50-word head
+    torch.manual_seed(2)
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(10, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (10,))
+    weights = torch.randn(10)  # what a loss passes back per token
+
+    logp, entropy = lm_forward.frozen_head_logprobs(hidden, head, targets, temperature, with_entropy=True)
+    logits = head(hidden) / temperature
+    full_logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(logp, full_logp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits.detach()), rtol=1e-6, atol=1e-6)
+    assert not entropy.requires_grad
+    (grad,) = torch.autograd.grad((logp * weights).sum(), hidden)
+    (full_grad,) = torch.autograd.grad((full_logp * weights).sum(), hidden)
+    torch.testing.assert_close(grad, full_grad, rtol=1e-5, atol=1e-6)
+    assert lm_forward.frozen_head_logprobs(hidden, head, targets, temperature)[1] is None
+
+
+def test_ppo_token_logprobs_take_the_chunked_path_and_agree(lora_lm, monkeypatch):
+    from rlhf_cli.algorithms.ppo import entropy_from_logits
+    from rlhf_cli.stages.ppo import heads
+    from rlhf_cli.stages.ppo.heads import hidden_states, response_states, token_logprobs_and_entropy
+
+    calls = []
+    monkeypatch.setattr(heads, "frozen_head_logprobs",
+                        lambda *a, **k: calls.append(1) or lm_forward.frozen_head_logprobs(*a, **k))
+
+    torch.manual_seed(3)
+    ids = torch.randint(4, 250, (3, 12))
+    mask = torch.ones_like(ids)
+    states = response_states(hidden_states(lora_lm, ids, mask), 5)  # 7 response positions
+    tokens = ids[:, 5:]
+    logp, entropy = token_logprobs_and_entropy(lora_lm, states, tokens, 0.8, True)
+    logits = lora_lm.get_output_embeddings()(states) / 0.8
+    full = torch.log_softmax(logits, dim=-1).gather(2, tokens[..., None]).squeeze(2)
+    torch.testing.assert_close(logp, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits.detach()), rtol=1e-5, atol=1e-5)
+    assert logp.shape == entropy.shape == tokens.shape
+    assert calls == [1] and logp.requires_grad

@@ -80,7 +80,7 @@ def rollout_of(arrangement, recipe, tokenizer, n: int = 8, seed: int = 0):
 
 
 def base_logprobs(recipe, ro) -> torch.Tensor:
-    base = load_causal_lm(recipe.model).eval()
+    base = load_causal_lm(recipe.model).eval().requires_grad_(False)  # frozen, as the reference is
     with torch.no_grad():
         states = response_states(hidden_states(base, ro.input_ids, ro.attention_mask), ro.prompt_width)
         return token_logprobs_and_entropy(base, states, ro.tokens, recipe.ppo.temperature, False)[0]

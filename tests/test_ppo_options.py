@@ -294,3 +294,19 @@ def test_ptx_data_path_is_stored_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe(RECIPE, ["ppo.ptx_coef=0.1", "ppo.ptx_data=sft.jsonl"])
     assert recipe.ppo.ptx_data == str(data) and Path(recipe.ppo.ptx_data).is_absolute()
+
+
+def test_each_rank_samples_from_its_own_stream():
+    from rlhf_cli.stages.ppo.run import separate_sampling_streams
+
+    def draws_after(rank: int) -> torch.Tensor:
+        torch.manual_seed(7)  # what the worker does on every rank
+        separate_sampling_streams(7, rank)
+        return torch.rand(4)
+
+    torch.manual_seed(7)
+    untouched = torch.rand(4)
+    assert torch.equal(draws_after(0), untouched)  # one process: unchanged
+    assert not torch.equal(draws_after(1), untouched)
+    assert not torch.equal(draws_after(1), draws_after(2))
+    assert torch.equal(draws_after(1), draws_after(1))  # still a function of the seed

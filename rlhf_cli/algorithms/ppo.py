@@ -27,7 +27,14 @@ from rlhf_cli.algorithms.kl import (
     kl_k2,
     kl_k3,
 )
-from rlhf_cli.algorithms.masked import Moments, masked_mean, masked_moments, masked_var, masked_whiten
+from rlhf_cli.algorithms.masked import (
+    Moments,
+    masked_mean,
+    masked_moments,
+    masked_var,
+    masked_whiten,
+    mean_var_from_moments,
+)
 
 __all__ = [
     "AdaptiveKLController",
@@ -224,14 +231,21 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return -(p * log_p).sum(dim=-1)
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor,
+                       reduce: Callable[[Moments], Moments] | None = None) -> Tensor:
     """1 − Var[R − V] / Var[R] over masked tokens (scalar, detached); nan if Var[R] = 0.
 
     1 = perfect value predictions, 0 = no better than a constant, < 0 = worse.
-    Shapes: values, returns, mask [B, T].
+    Shapes: values, returns, mask [B, T]. ``reduce`` sums moments over processes (as for
+    whitening), so that every process reports the value of the whole batch of all processes.
     """
     values, returns = values.detach().float(), returns.detach().float()
-    var_returns = masked_var(returns, mask)
-    var_resid = masked_var(returns - values, mask)
+    if reduce is None:
+        var_returns = masked_var(returns, mask)
+        var_resid = masked_var(returns - values, mask)
+    else:
+        var_returns = mean_var_from_moments(reduce(masked_moments(returns, mask)))[1]
+        var_resid = mean_var_from_moments(reduce(masked_moments(returns - values, mask)))[1]
+        var_returns, var_resid = var_returns.float(), var_resid.float()
     nan = torch.full_like(var_returns, float("nan"))
     return torch.where(var_returns > 0, 1 - var_resid / var_returns.clamp(min=1e-30), nan)

@@ -74,19 +74,22 @@ CHUNK_BYTES = 64 * 2**20
 
 
 class FrozenHeadLogprobs(torch.autograd.Function):
-    """log p(target) of each row of `hidden` [N, H] under a frozen output head, chunk by chunk.
+    """log p(target) of each row of `hidden` [N, H] under a frozen output head, chunk by chunk;
+    with `with_entropy`, also each row's entropy (a statistic: it takes no gradient).
 
     The head is frozen under LoRA, so the only gradient it passes on is d logp / d hidden =
     (W[target] − softmax·W) / T, an [N, H] tensor: forward computes it chunk by chunk and keeps
     it, backward scales it by the incoming gradient. No more than a chunk of [N, V] logits is
     ever held (autograd would keep the logits, their log-softmax and their gradient, each
     4·N·V bytes), with the same two GEMMs as autograd's forward and backward.
+    Returns (log-probs [N], entropy [N] or an empty tensor).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float):
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool = False):
         rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        entropy = out.new_empty(hidden.shape[0] if with_entropy else 0)
         need_grad = ctx.needs_input_grad[0]
         grads = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_grad else None
         for start in range(0, hidden.shape[0], rows):
@@ -96,22 +99,35 @@ class FrozenHeadLogprobs(torch.autograd.Function):
                 logits = logits / temperature
             lse = torch.logsumexp(logits, dim=-1)
             out[part] = logits.gather(1, target[:, None]).squeeze(1) - lse
+            if not (need_grad or with_entropy):
+                continue
+            log_probs = logits.sub_(lse[:, None])  # in the logits' memory
+            probs = log_probs.exp()
+            if with_entropy:  # −Σ p log p as a row-wise dot product: no third [rows, V] tensor
+                entropy[part] = -(probs[:, None, :] @ log_probs[:, :, None]).view(-1)
             if need_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
                 expected = (probs.to(weight.dtype) @ weight).float()
                 grads[part] = (weight[target].float() - expected) / temperature
         ctx.hidden_dtype = hidden.dtype
+        ctx.mark_non_differentiable(entropy)
         if need_grad:
             ctx.save_for_backward(grads)
-        return out
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_entropy):
         (grads,) = ctx.saved_tensors
-        return (grad_out[:, None] * grads).to(ctx.hidden_dtype), None, None, None, None
+        return (grad_out[:, None] * grads).to(ctx.hidden_dtype), None, None, None, None, None
 
 
-def _frozen_head(head) -> bool:
+def frozen_head_logprobs(hidden, head, targets, temperature: float = 1.0, with_entropy: bool = False):
+    """(log p(target) [N], entropy [N] or None) of the rows of `hidden` [N, H] under `head`."""
+    logp, entropy = FrozenHeadLogprobs.apply(hidden, head.weight, head.bias, targets, temperature,
+                                             with_entropy)
+    return logp, (entropy if with_entropy else None)
+
+
+def frozen_head(head) -> bool:
     """A plain linear head whose parameters take no gradient and are not partitioned (ZeRO-3)."""
     params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
     return (type(head) is torch.nn.Linear and not any(p.requires_grad for p in params)
@@ -121,12 +137,11 @@ def _frozen_head(head) -> bool:
 def selected_logprobs(model, input_ids, attention_mask, mask, targets, temperature: float = 1.0):
     """log p(target) [N] at the positions where `mask` ([B, T-1]) is true; `targets` [N]."""
     lm = inner_causal_lm(model)
-    if supports_partial_head(lm) and _frozen_head(lm.get_output_embeddings()):
-        head = lm.get_output_embeddings()
+    if supports_partial_head(lm) and frozen_head(lm.get_output_embeddings()):
         hidden = decoder_of(lm)(input_ids=input_ids, attention_mask=attention_mask,
                                 position_ids=position_ids_from(attention_mask),
                                 use_cache=False).last_hidden_state
-        return FrozenHeadLogprobs.apply(hidden[:, :-1][mask], head.weight, head.bias, targets, temperature)
+        return frozen_head_logprobs(hidden[:, :-1][mask], lm.get_output_embeddings(), targets, temperature)[0]
     return token_logprobs(selected_logits(model, input_ids, attention_mask, mask), targets, temperature)
 
 

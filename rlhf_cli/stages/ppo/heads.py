@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from ...algorithms.ppo import entropy_from_logits
 from ...models.lm_forward import (
     decoder_of,
+    frozen_head,
+    frozen_head_logprobs,
     inner_causal_lm,
     position_ids_from,
     selected_logits,
@@ -33,12 +35,20 @@ def response_states(hidden: torch.Tensor, prompt_width: int) -> torch.Tensor:
 
 
 def token_logprobs_and_entropy(model, states, tokens, temperature: float, with_entropy: bool):
-    """log π(token) [B, R] (and entropy [B, R]) from the states that predict `tokens`."""
-    lm = inner_causal_lm(model)
-    logits = lm.get_output_embeddings()(states).float() / temperature
+    """log π(token) [B, R] (and entropy [B, R], a statistic) from the states that predict `tokens`.
+
+    A frozen head (LoRA) goes chunk by chunk and never holds the [B, R, V] logits
+    (models/lm_forward.py); a trainable or ZeRO-3-partitioned head takes autograd's path.
+    """
+    head = inner_causal_lm(model).get_output_embeddings()
+    if frozen_head(head):
+        logp, entropy = frozen_head_logprobs(states.flatten(0, 1), head, tokens.flatten(), temperature,
+                                             with_entropy)
+        return logp.view(tokens.shape), (entropy.view(tokens.shape) if with_entropy else None)
+    logits = head(states).float() / temperature
     logp = -F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
     logp = logp.view(tokens.shape)
-    entropy = entropy_from_logits(logits) if with_entropy else None
+    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
     return logp, entropy
 
 

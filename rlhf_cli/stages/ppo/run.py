@@ -24,6 +24,7 @@ from ...data.sources import load_source
 from ...engine.batching import GlobalBatches
 from ...engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ...engine.loop import TrainingInterrupted, _StopRequest
+from ...engine.memory import release_freed_memory
 from ...engine.metrics import MetricsLogger
 from ...engine.optim import build_scheduler
 from ...engine.plots import plot_run
@@ -56,6 +57,17 @@ def _reward_stats(recipe: Recipe) -> dict | None:
     return None
 
 
+def separate_sampling_streams(seed: int, rank: int) -> None:
+    """Give each process its own random stream for sampling rollouts.
+
+    The worker seeds every rank alike so that the weights start identical; rollouts drawn
+    from identical streams would be correlated across ranks. Rank 0 keeps its stream, so a
+    one-process run is unchanged; a checkpoint keeps each rank's state (rng-rank{N}.pt).
+    """
+    if rank:
+        torch.manual_seed(seed + 1_000_003 * rank)
+
+
 class PPORun:
     def __init__(self, recipe: Recipe, run_dir: Path, backend):
         self.recipe, self.run_dir, self.backend = recipe, Path(run_dir), backend
@@ -77,6 +89,7 @@ class PPORun:
         arrangement = build_arrangement(recipe, self.tokenizer)
         self.wrapped = backend.prepare(arrangement, ppo_optimizer(arrangement, recipe))
         self.model = backend.unwrap(self.wrapped)
+        separate_sampling_streams(self.train.seed, backend.rank)
         self.ema = ActorEMA(self.model, self.ppo.ema_decay) if self.ppo.ema_decay else None
         # rollout_batch_size prompts per process, each sampled samples_per_prompt times.
         self.batches = GlobalBatches(len(self.prompts), self.ppo.rollout_batch_size, 1,
@@ -126,12 +139,15 @@ class PPORun:
         t0 = time.perf_counter()
         rollout = sample(self.model, examples, self.tokenizer, self.ppo, self.backend.device,
                          synced=self.backend.world_size > 1)
+        release_freed_memory()  # each phase frees what it allocated; see engine/memory.py
         t1 = time.perf_counter()
         scores, responses = self._scores(rollout)
+        release_freed_memory()
         check_scores(self._global_sum([float((~scores.isfinite()).sum())])[0], index + 1)
         t2 = time.perf_counter()
         experience = build_experience(self.model, rollout, scores, self.ppo, self.kl.value,
                                       self.backend, self.reward_stats)
+        release_freed_memory()
         lengths = rollout.response_mask.sum(dim=1)
         sums = [float(scores.sum()), float(experience.kl_per_response.sum()), float(lengths.sum()),
                 float((~rollout.ended).sum()), float(len(examples))]

@@ -11,6 +11,7 @@ import torch
 
 from ...algorithms.masked import masked_mean
 from ...algorithms.ppo import explained_variance, policy_loss, value_loss
+from ...engine.memory import release_freed_memory
 from ...schema import PPOSection
 from .experience import Experience
 
@@ -107,6 +108,7 @@ def ppo_update(wrapped, experience: Experience, ppo: PPOSection, backend, schedu
                 loss, stats = minibatch_loss(wrapped, batch, experience.rollout.prompt_width, ppo,
                                              vf_coef, train_actor, ptx, share, ptx_share)
             applied, norm = _step(backend, loss)
+            release_freed_memory()  # the minibatch's activations and gradients (engine/memory.py)
             scheduler.step()
             update += 1
             if guard is not None:
@@ -136,5 +138,6 @@ def _means(totals: dict, count: int, grad_norm: float, experience: Experience, p
     means["grad_norm"] = grad_norm / count
     if experience.old_values is not None:
         means["explained_variance"] = float(explained_variance(
-            experience.old_values, experience.returns, experience.rollout.response_mask))
+            experience.old_values, experience.returns, experience.rollout.response_mask,
+            reduce=lambda moments: tuple(backend.all_reduce_sum(m) for m in moments)))
     return means
