@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="steps of the RM run made first (default: %(default)s)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="model.gradient_checkpointing in every arrangement (default: off)")
+    p.add_argument("--micro-batch-size", type=int,
+                   help="ppo.micro_batch_size in every arrangement (default: unset, one forward a minibatch)")
     p.add_argument("--no-count", action="store_true", help="skip counting what each arrangement holds")
     p.add_argument("--count-held", type=Path, help=argparse.SUPPRESS)  # internal: one recipe, in a child
     args = p.parse_args(argv)
@@ -165,6 +167,7 @@ ppo:
   reward_fn: null
   rollout_batch_size: {args.rollout_batch_size}
   mini_batch_size: {args.mini_batch_size}
+  micro_batch_size: {"null" if args.micro_batch_size is None else args.micro_batch_size}
   ppo_epochs: {args.ppo_epochs}
   max_new_tokens: {args.max_new_tokens}
   temperature: 1.0
@@ -323,6 +326,7 @@ def print_table(result: dict) -> None:
         row("time per iteration vs separate", "time_iteration", "{:.2f}", ratio),
         row("fastest iteration vs separate", "fastest_iteration", "{:.2f}", ratio),
         row("peak RSS vs separate", "peak_rss_mib", "{:.2f}", ratio),
+        row("peak RSS above the built process vs separate", "peak_rss_above_built", "{:.2f}", ratio),
     ]
     held = result.get("held") or {}
     if held:
@@ -402,6 +406,14 @@ def main(argv=None) -> int:
             base = per["separate"]
             keys = ("time_iteration", "fastest_iteration", *PHASES, "peak_rss_mib")
             ratio = {name: {k: side[k] / base[k] for k in keys if base[k]} for name, side in per.items()}
+            if held.get("separate"):
+                # Without the libraries' own memory (the process once built, before any weight
+                # is read: the same ~390 MB everywhere), what the weights and the work take.
+                def above(name):
+                    return per[name]["peak_rss_mib"] - held[name]["rss_built_mib"]
+                for name in per:
+                    if name in held:
+                        ratio[name]["peak_rss_above_built"] = above(name) / above("separate")
         one = ratio.get("1base-1lora", {})
         result = {
             **header("ppo-arrangements"),
@@ -416,6 +428,7 @@ def main(argv=None) -> int:
                 "timed_iterations": args.iterations - args.warmup_iterations, "repeats": args.repeats,
                 "prompts": len(rows), "prompt_limit_tokens": prompt_limit, "reward_model": rm_info,
                 "gradient_checkpointing": args.gradient_checkpointing,
+                "micro_batch_size": args.micro_batch_size,
                 "loadavg_median": median([r["loadavg_before"] for rs in runs.values() for r in rs]),
                 "contended": contention(per, args.threads),
             },

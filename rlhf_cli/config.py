@@ -268,11 +268,37 @@ def _ppo_checks(recipe: Recipe, loc: _Located) -> None:
     if critic_free and ppo.critic_warmup_steps:
         raise UserError(f"ppo.advantage {ppo.advantage} trains no critic to warm up: set it to 0",
                         where=loc.where("ppo.critic_warmup_steps"))
+    _micro_batch_checks(ppo, loc)
     if ppo.ptx_coef > 0 and not ppo.ptx_data:
         raise UserError("needs SFT data for the ptx loss: set `ppo.ptx_data`",
                         where=loc.where("ppo.ptx_coef"))
     if ppo.ema_decay is not None and ppo.ema_decay >= 1:
         raise UserError(f"must be below 1, got {ppo.ema_decay}", where=loc.where("ppo.ema_decay"))
+
+
+def _micro_batch_checks(ppo, loc: _Located) -> None:
+    """Every optimizer step must accumulate the same number of micro-batches (DeepSpeed counts
+    them to find the step): the minibatch divides into micro-batches and the rollout into
+    minibatches."""
+    micro = ppo.micro_batch_size
+    if micro is None or micro == ppo.mini_batch_size:
+        return
+    where = loc.where("ppo.micro_batch_size")
+    if micro > ppo.mini_batch_size or ppo.mini_batch_size % micro:
+        raise UserError(f"{micro} must divide ppo.mini_batch_size ({ppo.mini_batch_size})", where=where)
+    responses = ppo.rollout_batch_size * ppo.samples_per_prompt
+    if responses % ppo.mini_batch_size:
+        raise UserError(f"with micro-batches, ppo.mini_batch_size ({ppo.mini_batch_size}) must divide the "
+                        f"responses of a rollout ({responses} per process)", where=where)
+
+
+def micro_batching(recipe: Recipe) -> tuple[int, int]:
+    """(rows per forward/backward, forward/backwards per optimizer step) for this stage."""
+    if recipe.stage == "ppo":
+        ppo = recipe.ppo
+        micro = ppo.micro_batch_size or ppo.mini_batch_size
+        return micro, max(1, ppo.mini_batch_size // micro)
+    return recipe.train.batch_size, recipe.train.grad_accum
 
 
 # ------------------------------------------------------------------------ API

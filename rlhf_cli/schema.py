@@ -131,6 +131,9 @@ class PPOSection:
     ppo_epochs: int = 4
     rollout_batch_size: int = 64
     mini_batch_size: int = 16
+    # Responses per forward/backward; mini_batch_size / micro_batch_size of them are accumulated
+    # into one optimizer step (less activation memory, the same update). Default: the minibatch.
+    micro_batch_size: int | None = None
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
@@ -222,6 +225,7 @@ BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("ppo.ppo_epochs", 1, True),
     ("ppo.rollout_batch_size", 1, True),
     ("ppo.mini_batch_size", 1, True),
+    ("ppo.micro_batch_size", 1, True),
     ("ppo.max_new_tokens", 1, True),
     ("ppo.temperature", 0, False),
     ("ppo.samples_per_prompt", 1, True),

@@ -118,6 +118,9 @@ class OneProcess:
     def autocast(self):
         return contextlib.nullcontext()
 
+    def accumulating(self, more_to_come: bool):
+        return contextlib.nullcontext()
+
     def backward(self, loss):
         loss.backward()
 

@@ -310,3 +310,59 @@ def test_each_rank_samples_from_its_own_stream():
     assert not torch.equal(draws_after(1), untouched)
     assert not torch.equal(draws_after(1), draws_after(2))
     assert torch.equal(draws_after(1), draws_after(1))  # still a function of the seed
+
+
+# ------------------------------------------------------------------- micro-batches
+
+
+@pytest.mark.parametrize("estimator", [[], ["ppo.advantage=reinforce_pp"]])
+def test_micro_batches_accumulate_to_the_same_update(rlhf_home, estimator):
+    """mini_batch_size 4 in micro-batches of 1 (and of 2) = one forward of 4: same weights after
+    two updates, same logged means (policy, value and ptx losses weighted by token share)."""
+    results = {}
+    for micro in (None, 2, 1):
+        settings = [*PTX, *estimator] + ([f"ppo.micro_batch_size={micro}"] if micro else [])
+        recipe = recipe_with(*settings)
+        tokenizer, arrangement, experience, backend = setup(recipe)
+        # Plain SGD: the weights move by the gradient itself (Adam would amplify rounding in
+        # weights whose gradient is ~0, and hide a gradient scaled by a wrong factor).
+        backend.optimizer = torch.optim.SGD([p for p in arrangement.parameters() if p.requires_grad], lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(backend.optimizer, lambda _: 1.0)
+        forwards = []
+        arrangement.register_forward_pre_hook(lambda _, args, seen=forwards: seen.append(len(args[0])))
+        stats = ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=0.1,
+                           train_actor=True, seed=0, ptx_batches=PtxBatches(recipe, tokenizer, backend))
+        trained = {n: p.detach().clone() for n, p in arrangement.named_parameters() if p.requires_grad}
+        results[micro] = (stats, trained, forwards)
+    whole_stats, whole, whole_forwards = results[None]
+    assert whole_forwards == [4, 4]  # two updates of one forward each
+    assert results[2][2] == [2, 2, 2, 2] and results[1][2] == [1] * 8
+    assert whole_stats["ptx_loss"] > 1.0 and whole_stats["policy_loss"] != 0
+    for micro in (2, 1):
+        stats, trained, _ = results[micro]
+        assert stats.keys() == whole_stats.keys()
+        for key, value in whole_stats.items():
+            assert stats[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (micro, key)
+        for name, tensor in whole.items():  # sums in another order
+            torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=1e-6)
+    start = setup(recipe_with(*PTX, *estimator))[1]
+    moved = max(float((whole[n] - p).abs().max()) for n, p in start.named_parameters() if p.requires_grad)
+    assert moved > 1e-3  # the updates moved the weights: equal weights are not just the start
+
+
+def test_micro_batch_size_must_divide_the_minibatch_and_set_deepspeed_accumulation(tmp_path):
+    from rlhf_cli.engine.deepspeed_backend import deepspeed_config
+
+    with pytest.raises(UserError, match="must divide ppo.mini_batch_size"):
+        recipe_with("ppo.micro_batch_size=3")
+    with pytest.raises(UserError, match="must divide the responses of a rollout"):
+        recipe_with("ppo.mini_batch_size=3", "ppo.micro_batch_size=1")
+    config = tmp_path / "ds.json"
+    config.write_text('{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", '
+                      '"train_batch_size": "auto", "zero_optimization": {"stage": 2}}')
+    recipe = recipe_with("ppo.micro_batch_size=1", f"launch.deepspeed={config}")
+    resolved = deepspeed_config(recipe, world_size=2)
+    assert (resolved["train_micro_batch_size_per_gpu"], resolved["gradient_accumulation_steps"],
+            resolved["train_batch_size"]) == (1, 4, 8)
+    resolved = deepspeed_config(recipe_with(f"launch.deepspeed={config}"), world_size=2)
+    assert (resolved["train_micro_batch_size_per_gpu"], resolved["gradient_accumulation_steps"]) == (4, 1)

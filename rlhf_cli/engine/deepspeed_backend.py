@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import micro_batching
 from ..errors import UserError
 from ..schema import Recipe, TrainSection
 from .backend import Backend, local_rank
@@ -104,10 +105,11 @@ def deepspeed_config(recipe: Recipe, world_size: int, on_cpu: bool = True) -> di
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read DeepSpeed config: {exc}", where=WHERE) from None
     train = recipe.train
-    _fill_auto(config, "train_micro_batch_size_per_gpu", train.batch_size)
-    _fill_auto(config, "gradient_accumulation_steps", train.grad_accum)
+    micro, accumulation = micro_batching(recipe)
+    _fill_auto(config, "train_micro_batch_size_per_gpu", micro)
+    _fill_auto(config, "gradient_accumulation_steps", accumulation)
     _fill_auto(config, "gradient_clipping", train.max_grad_norm)
-    _fill_auto(config, "train_batch_size", train.batch_size * train.grad_accum * world_size)
+    _fill_auto(config, "train_batch_size", micro * accumulation * world_size)
     _precision(config, "bf16", recipe.launch.mixed_precision == "bf16")
     _precision(config, "fp16", recipe.launch.mixed_precision == "fp16")
     _drop_auto_scheduler(config)
@@ -207,7 +209,7 @@ class DeepSpeedBackend(Backend):
         # The loop already divides by the global batch weight: no extra 1/accumulation.
         self.engine.backward(loss, scale_wrt_gas=False)
         # Steps the optimizer only on the accumulation boundary (counted by DeepSpeed,
-        # which is why the config's accumulation must equal train.grad_accum).
+        # which is why the config's accumulation must equal the recipe's: config.micro_batching).
         self.engine.step()
 
     def optimizer_step(self) -> float:

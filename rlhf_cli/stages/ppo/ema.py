@@ -7,7 +7,9 @@ starts equal to the actor (a fresh LoRA: B = 0) and is kept in float32 beside th
 `final-online/` the last online weights; evaluations during the run score the EMA policy.
 Checkpoints carry it (`ema.safetensors`), so a resumed run continues it exactly.
 
-Each process keeps a full copy: with ZeRO-3 the weights are partitioned, which is refused.
+Each process keeps a full copy of those weights (for a LoRA adapter, a few MB). Under
+ZeRO-3 they are partitioned: the EMA gathers them (one all-gather of the adapter a step)
+and writes into them through DeepSpeed's GatheredParameters, on every process at once.
 """
 
 from __future__ import annotations
@@ -29,33 +31,52 @@ def actor_parameters(arrangement) -> dict[str, torch.nn.Parameter]:
             if p.requires_grad and name.startswith("actor.") and f".{POLICY}." in name}
 
 
+def gathered(params, modifier_rank: int | None = None):
+    """Whole weights inside the block, also under ZeRO-3 (collective: every process enters it).
+
+    With `modifier_rank`, what that process writes into them is what every process holds after.
+    """
+    sharded = [p for p in params if hasattr(p, "ds_id")]
+    if not sharded:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=modifier_rank)
+
+
 class ActorEMA:
     def __init__(self, arrangement, decay: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.params = actor_parameters(arrangement)
-        self.shadow = {n: p.detach().to(torch.float32, copy=True) for n, p in self.params.items()}
+        with gathered(self.params.values()):
+            self.shadow = {n: p.detach().to(torch.float32, copy=True) for n, p in self.params.items()}
 
     @torch.no_grad()
     def update(self) -> None:
         """ema + (1 − decay)·(θ − ema), i.e. decay·ema + (1 − decay)·θ."""
-        for name, param in self.params.items():
-            self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+        with gathered(self.params.values()):
+            for name, param in self.params.items():
+                self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def _load_into_params(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Write `values` into the actor's weights; returns the weights they replaced."""
+        with gathered(self.params.values(), modifier_rank=0):
+            replaced = {n: p.detach().clone() for n, p in self.params.items()}
+            for name, param in self.params.items():
+                param.copy_(values[name])
+        return replaced
 
     @contextlib.contextmanager
     def applied(self):
         """The actor runs with the EMA weights inside the block; the online ones come back after."""
-        online = {n: p.detach().clone() for n, p in self.params.items()}
+        online = self._load_into_params(self.shadow)
         try:
-            with torch.no_grad():
-                for name, param in self.params.items():
-                    param.copy_(self.shadow[name])
             yield
         finally:
-            with torch.no_grad():
-                for name, param in self.params.items():
-                    param.copy_(online[name])
+            self._load_into_params(online)
 
     def state_dict_for(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A copy of a full state dict (the arrangement's) with the EMA in the actor's place."""

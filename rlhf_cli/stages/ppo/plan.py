@@ -28,6 +28,9 @@ def ppo_plan(recipe: Recipe) -> list[str]:
     lines = [f"rollout: {sampled} per process per iteration; {iterations}",
              f"updates: {ppo.ppo_epochs} epochs x {minibatches} minibatches of up to {ppo.mini_batch_size} "
              f"responses = {ppo.ppo_epochs * minibatches} optimizer steps per iteration"]
+    if ppo.micro_batch_size and ppo.micro_batch_size < ppo.mini_batch_size:
+        lines.append(f"micro-batches: {ppo.micro_batch_size} responses per forward/backward, "
+                     f"{ppo.mini_batch_size // ppo.micro_batch_size} accumulated per optimizer step")
     if ppo.advantage == "gae":
         lines.append(f"advantage: gae (gamma {ppo.gamma}, lambda {ppo.lam}) with a critic: value head, "
                      f"value loss, arrangement {ppo.arrangement}")

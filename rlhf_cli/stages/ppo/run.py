@@ -72,9 +72,6 @@ class PPORun:
     def __init__(self, recipe: Recipe, run_dir: Path, backend):
         self.recipe, self.run_dir, self.backend = recipe, Path(run_dir), backend
         self.ppo, self.train = recipe.ppo, recipe.train
-        if self.ppo.ema_decay and getattr(backend, "stage", 0) == 3:
-            raise UserError("the actor EMA keeps a whole copy of the policy's weights, which ZeRO-3 "
-                            "partitions: use ZeRO-2 or unset it", where="ppo.ema_decay")
         self.tokenizer = tokenizer_for(recipe)
         self.prompts = self._load_prompts()
         self.ptx = PtxBatches(recipe, self.tokenizer, backend) if self.ppo.ptx_coef > 0 else None

@@ -32,7 +32,8 @@ def minibatch_loss(wrapped, rows: dict, prompt_width: int, ppo: PPOSection, vf_c
                    train_actor: bool, ptx: dict | None = None, share: float = 1.0, ptx_share: float = 1.0):
     """(loss, stats). loss = share·(a·policy loss + vf_coef·value loss) + ptx_share·ptx_coef·SFT loss,
     with a = 0 during critic warm-up, the value loss only with a critic and the SFT loss (on
-    the `ptx` batch) only with ptx. In one process both shares are 1 (see `_token_share`)."""
+    the `ptx` batch) only with ptx. With one process and one micro-batch a minibatch, both
+    shares are 1 (see `_share`)."""
     outputs = wrapped(rows["input_ids"], rows["attention_mask"], prompt_width, rows["tokens"], ptx=ptx)
     logp, values, entropy = outputs[:3]
     mask = rows["mask"]
@@ -54,31 +55,81 @@ def minibatch_loss(wrapped, rows: dict, prompt_width: int, ppo: PPOSection, vf_c
     return loss, stats
 
 
-def _token_share(mask: torch.Tensor, backend) -> float:
-    """This rank's response tokens over the mean per rank, for the minibatch.
+def _global_tokens(mask: torch.Tensor, backend) -> torch.Tensor:
+    return backend.all_reduce_sum(mask.detach().sum().to(torch.float64)).clamp(min=1.0)
 
-    The losses are token-means over this rank's rows, and DDP/ZeRO average the ranks'
-    gradients; scaled by this share, that average is the gradient of the token-mean over
-    the whole minibatch of all ranks, as one process with the same global batch computes it.
+
+def _share(mask: torch.Tensor, global_tokens: torch.Tensor, backend) -> float:
+    """This micro-batch's tokens over the mean tokens per rank of the whole minibatch.
+
+    The losses are token-means over a micro-batch's rows, and DDP/ZeRO average the ranks'
+    gradients; scaled by this share and summed over the micro-batches, that is the gradient
+    of the token-mean over the whole minibatch of all ranks, as one process computes it in
+    one forward. (One micro-batch on one process: 1.)
     """
-    local = mask.detach().sum().to(torch.float64)
-    total = backend.all_reduce_sum(local)
-    return float(local * backend.world_size / total.clamp(min=1.0))
+    return float(mask.detach().sum().to(torch.float64) * backend.world_size / global_tokens)
 
 
-def _step(backend, loss: torch.Tensor) -> tuple[bool, float]:
-    """Backward and optimizer step; (applied, grad norm). Every rank agrees on skipping."""
+def _ptx_tokens(ptx: dict) -> torch.Tensor:
+    return ptx["labels"][:, 1:] != -100
+
+
+def _split_ptx(ptx: dict | None, pieces: int) -> list[dict | None]:
+    """The update's SFT batch split by rows over its micro-batches (None where none is left)."""
+    if ptx is None:
+        return [None] * pieces
+    parts = [{k: v[rows] for k, v in ptx.items()}
+             for rows in torch.arange(ptx["input_ids"].shape[0]).tensor_split(pieces)]
+    return [part if part["input_ids"].shape[0] else None for part in parts]
+
+
+def _bad(loss: torch.Tensor, backend) -> bool:
+    """Whether any rank's loss is NaN/inf (every rank gets the same answer)."""
     flag = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0], dtype=torch.float64,
                         device=backend.device)
-    bad_loss = float(backend.all_reduce_sum(flag)[0]) > 0
-    if bad_loss and not backend.can_skip_steps:
-        return False, float("nan")  # DeepSpeed would apply it inside backward: never call it
-    backend.backward(loss)
-    if bad_loss:  # as the shared loop does: backward (DDP expects it), then drop the gradients
+    return float(backend.all_reduce_sum(flag)[0]) > 0
+
+
+def _minibatch_update(wrapped, experience: Experience, index: torch.Tensor, ptx: dict | None, ppo: PPOSection,
+                      backend, vf_coef: float, train_actor: bool, totals: dict) -> tuple[bool, float]:
+    """One optimizer step on one minibatch, a micro-batch at a time; (applied, grad norm).
+
+    Every micro-batch's forward and backward run (DDP expects each backward; only the last
+    one synchronises gradients), then the step is taken or, when any loss was NaN/inf,
+    dropped. DeepSpeed applies the update inside its backward, so there a NaN/inf loss
+    stops before its backward. The stats are added to `totals`, weighted by token share,
+    only for an applied step.
+    """
+    micro = ppo.micro_batch_size or ppo.mini_batch_size
+    pieces = index.split(micro)
+    minibatch_tokens = _global_tokens(experience.rollout.response_mask[index], backend)
+    ptx_parts = _split_ptx(ptx, len(pieces))
+    ptx_tokens = _global_tokens(_ptx_tokens(ptx), backend) if ptx is not None else None
+    bad, weighted = False, []
+    for i, (rows_index, ptx_part) in enumerate(zip(pieces, ptx_parts, strict=True)):
+        rows = _rows(experience, rows_index)
+        share = _share(rows["mask"], minibatch_tokens, backend)
+        ptx_share = _share(_ptx_tokens(ptx_part), ptx_tokens, backend) if ptx_part is not None else 1.0
+        with backend.accumulating(i < len(pieces) - 1), backend.autocast():
+            loss, stats = minibatch_loss(wrapped, rows, experience.rollout.prompt_width, ppo, vf_coef,
+                                         train_actor, ptx_part, share, ptx_share)
+            if _bad(loss, backend):
+                if not backend.can_skip_steps:
+                    return False, float("nan")  # DeepSpeed would apply it: never call its backward
+                bad = True
+            backend.backward(loss)
+        del loss
+        weighted.append((stats, share, ptx_share))
+    if bad:  # as the shared loop does: every backward ran, then the gradients are dropped
         backend.skip_step()
         return False, float("nan")
     grad_norm = backend.optimizer_step()
-    return not backend.skipped_step, grad_norm
+    if backend.skipped_step:
+        return False, grad_norm
+    for stats, share, ptx_share in weighted:
+        for key, value in stats.items():
+            totals[key] = totals.get(key, 0.0) + value * (ptx_share if key == "ptx_loss" else share)
+    return True, grad_norm
 
 
 def ppo_update(wrapped, experience: Experience, ppo: PPOSection, backend, scheduler, *,
@@ -100,14 +151,9 @@ def ppo_update(wrapped, experience: Experience, ppo: PPOSection, backend, schedu
         order = torch.randperm(rows, generator=generator)
         for start in range(0, rows, ppo.mini_batch_size):
             index = order[start:start + ppo.mini_batch_size].to(experience.rollout.input_ids.device)
-            batch = _rows(experience, index)
             ptx = ptx_batches(update) if ptx_batches is not None else None
-            share = _token_share(batch["mask"], backend)
-            ptx_share = _token_share(ptx["labels"][:, 1:] != -100, backend) if ptx is not None else 1.0
-            with backend.autocast():
-                loss, stats = minibatch_loss(wrapped, batch, experience.rollout.prompt_width, ppo,
-                                             vf_coef, train_actor, ptx, share, ptx_share)
-            applied, norm = _step(backend, loss)
+            applied, norm = _minibatch_update(wrapped, experience, index, ptx, ppo, backend, vf_coef,
+                                              train_actor, totals)
             release_freed_memory()  # the minibatch's activations and gradients (engine/memory.py)
             scheduler.step()
             update += 1
@@ -119,8 +165,6 @@ def ppo_update(wrapped, experience: Experience, ppo: PPOSection, backend, schedu
                 ema.update()
             grad_norm += norm
             applied_count += 1
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value * (ptx_share if key == "ptx_loss" else share)
     if not applied_count:  # every update skipped (the same on every rank)
         return {}
     return _means(totals, applied_count, grad_norm, experience, ppo, backend, vf_coef, train_actor)
