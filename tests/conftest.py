@@ -23,3 +23,19 @@ def rlhf_home(tmp_path_factory) -> Path:
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture
+def in_process(rlhf_home, tmp_path, monkeypatch):
+    """`rlhf ...` run by rlhf_cli.cli.main in this process, so a test can patch its insides."""
+    import torch
+
+    from rlhf_cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RLHF_COMMAND", "rlhf (test)")  # restored afterwards; main sets it
+    monkeypatch.delenv("RLHF_DEBUG", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield lambda *args: cli.main(list(args))
+    torch.set_num_threads(threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tensor_helpers import close
 
 from rlhf_cli.algorithms.advantages import (
     discounted_returns,
@@ -12,12 +13,6 @@ from rlhf_cli.algorithms.advantages import (
     rloo_advantages,
 )
 from rlhf_cli.algorithms.masked import masked_moments, masked_whiten
-
-
-def close(actual, expected, atol=1e-5):
-    actual = torch.as_tensor(actual)
-    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
-
 
 # two prompts × 3 samples: group 1 = [1, 2, 6], group 2 = [4, 4, 4]
 SCORES = torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0, 4.0])

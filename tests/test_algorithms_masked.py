@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tensor_helpers import close
 
 from rlhf_cli.algorithms.masked import (
     masked_mean,
@@ -14,12 +15,6 @@ from rlhf_cli.algorithms.masked import (
     masked_whiten,
     mean_var_from_moments,
 )
-
-
-def close(actual, expected, atol=1e-5):
-    actual = torch.as_tensor(actual)
-    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
-
 
 # Selected values: 1, 2, 6 (row 0) and 3 (row 1); the nan and the 50 are padding.
 X = torch.tensor([[1.0, 2.0, 6.0], [3.0, 50.0, float("nan")]])

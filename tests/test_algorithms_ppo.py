@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tensor_helpers import close, t
 
 from rlhf_cli.algorithms.masked import masked_moments
 from rlhf_cli.algorithms.ppo import (
@@ -22,15 +23,6 @@ from rlhf_cli.algorithms.ppo import (
     token_rewards,
     value_loss,
 )
-
-
-def close(actual, expected, atol=1e-5):
-    actual = torch.as_tensor(actual)
-    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
-
-
-def t(*values):
-    return torch.tensor(values, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- KL estimators

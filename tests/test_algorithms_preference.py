@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from tensor_helpers import close, t
 
 from rlhf_cli.algorithms.preference import (
     dpo_loss,
@@ -21,15 +22,6 @@ from rlhf_cli.algorithms.preference import (
     pairwise_reward_loss,
     reward_metrics,
 )
-
-
-def close(actual, expected, atol=1e-5):
-    actual = torch.as_tensor(actual)
-    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
-
-
-def t(*values):
-    return torch.tensor(values, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- reward model

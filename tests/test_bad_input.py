@@ -4,14 +4,11 @@ traceback, and nothing trained or overwritten."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from cli_helpers import rlhf
 
 GOOD = """\
 stage: sft
@@ -95,16 +92,6 @@ CASES = {
         {"p.yaml": PPO, "rm/metrics.jsonl": "{\"step\": 1}\\n"}, ["ppo", "-r", "p.yaml"],
         "/rm holds no reward model: no final/adapter_config.json or config.json"),
 }
-
-
-def rlhf(*args: str, cwd: Path, debug: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    env.pop("RLHF_DEBUG", None)
-    if debug:
-        env["RLHF_DEBUG"] = "1"
-    return subprocess.run([sys.executable, "-m", "rlhf_cli.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def setup_files(tmp_path: Path, files: dict[str, str]) -> None:

@@ -6,16 +6,15 @@ Through the real CLI, in fp32 with LoRA dropout 0, so that any difference is ari
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import cli_helpers
 import pytest
+from cli_helpers import REPO, cli_argv, cli_env, rlhf
 
-REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny-sft.yaml"
 # Train-only settings: no evaluation, one log row per optimizer step.
 QUIET = ["--set", "data.max_length=32", "--set", "train.log_every=1",
@@ -25,26 +24,8 @@ QUIET = ["--set", "data.max_length=32", "--set", "train.log_every=1",
          "--set", "model.lora.dropout=0.0"]
 
 
-def _env() -> dict:
-    # One thread: two busy cores and OpenMP spinning make tiny steps ~40x slower.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    env.pop("RLHF_DEBUG", None)
-    return env
-
-
-def _argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rlhf_cli.cli", *args]
-
-
-def rlhf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(_argv(*args), cwd=cwd, env=_env(), capture_output=True, text=True,
-                          timeout=300)
-
-
 def train_rows(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("split") != "eval"]
+    return cli_helpers.train_rows(run, strict=True)  # a blank line in metrics.jsonl fails too
 
 
 def adapter(run: Path) -> dict:
@@ -102,7 +83,7 @@ def _kill_after_checkpoint(args: list[str], cwd: Path, run: Path, step: int) -> 
     Killed mid-training, it leaves metrics rows after the checkpoint that resume must drop.
     Returns whether the kill came before the run finished by itself.
     """
-    proc = subprocess.Popen(_argv(*args), cwd=cwd, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cli_argv(*args), cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     checkpoint = run / "checkpoints" / f"step-{step}"
     try:

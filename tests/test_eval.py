@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import REPO, eval_rows, rlhf
 
-REPO = Path(__file__).resolve().parent.parent
 EVAL_PAIRS = 64
 EVAL_DATA = f"builtin:sort:eval:{EVAL_PAIRS}"
 STEPS = 20
@@ -27,18 +24,8 @@ SHORT = ["--set", "data.train=builtin:sort:train:512", "--set", f"data.eval={EVA
 SORT_REWARD = "rlhf_cli.builtin.tasks:sort_reward"
 
 
-def rlhf(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`rlhf ARGS` in a fresh interpreter, offline, on one thread (two shared cores)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    env.pop("RLHF_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "rlhf_cli.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def last_eval(run: Path) -> dict:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("split") == "eval"][-1]
+    return eval_rows(run, strict=True)[-1]
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ import resource
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import cli_helpers
 import pytest
+from cli_helpers import REPO, cli_argv, cli_env, complete_checkpoints, error_line, rlhf, same_tensors, weights
 
-REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "tiny-sft.yaml")
 # Short steps, no evaluation, one log row per step; fp32 with LoRA dropout 0 (the recipe's).
 BASE = ["--recipe", RECIPE, "--set", "data.max_length=32", "--set", "train.batch_size=4",
@@ -30,68 +30,8 @@ BASE = ["--recipe", RECIPE, "--set", "data.max_length=32", "--set", "train.batch
         "--set", "train.save_every=null"]
 
 
-def _env() -> dict:
-    # One thread: two busy cores and OpenMP spinning make tiny steps ~40x slower.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    env.pop("RLHF_DEBUG", None)
-    return env
-
-
-def _argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rlhf_cli.cli", *args]
-
-
-def rlhf(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(_argv(*args), cwd=cwd, env=_env(), capture_output=True, text=True,
-                          timeout=300, **kwargs)
-
-
 def train_rows(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("split") != "eval"]
-
-
-def error_line(stderr: str) -> str:
-    """The one `error:` line of a failed command, which has no traceback."""
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr
-    return errors[0]
-
-
-def weights(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def same_tensors(a: dict, b: dict) -> bool:
-    import torch
-
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def complete_checkpoints(run: Path) -> list[Path]:
-    from rlhf_cli.engine.checkpoint import list_checkpoints
-
-    return [p for p in list_checkpoints(run) if (p / "trainer_state.json").is_file()]
-
-
-@pytest.fixture
-def in_process(rlhf_home, tmp_path, monkeypatch):
-    """`rlhf ...` run by rlhf_cli.cli.main in this process, so a test can patch its insides."""
-    import torch
-
-    from rlhf_cli import cli
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RLHF_COMMAND", "rlhf (test)")  # restored afterwards; main sets it
-    monkeypatch.delenv("RLHF_DEBUG", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield lambda *args: cli.main(list(args))
-    torch.set_num_threads(threads)
+    return cli_helpers.train_rows(run, strict=True)  # a blank line in metrics.jsonl fails too
 
 
 # ------------------------------------------------------------------------------- Ctrl-C
@@ -107,7 +47,7 @@ def _logged_steps(metrics: Path) -> int:
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(rlhf_home, tmp_path):
     args = ["sft", *BASE, "--set", "train.max_steps=40"]
-    proc = subprocess.Popen(_argv(*args, "-o", "run"), cwd=tmp_path, env=_env(),
+    proc = subprocess.Popen(cli_argv(*args, "-o", "run"), cwd=tmp_path, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "run"
     deadline = time.monotonic() + 240
@@ -148,10 +88,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(rlhf_home, tmp_path):
 def test_ctrl_c_in_a_two_process_run_saves_on_both_ranks(rlhf_home, tmp_path):
     """A terminal's Ctrl-C reaches rlhf and torchrun (one process group); torchrun forwards it
     to the workers, which agree on the step to stop at and save it together."""
-    proc = subprocess.Popen(_argv("sft", *BASE, "--set", "train.max_steps=200",
+    proc = subprocess.Popen(cli_argv("sft", *BASE, "--set", "train.max_steps=200",
                                   "--set", "train.batch_size=2", "--set", "launch.num_processes=2",
                                   "-o", "run"),
-                            cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                            cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     run = tmp_path / "run"
     deadline = time.monotonic() + 240
@@ -358,7 +298,7 @@ def test_sigkill_while_checkpointing_never_leaves_a_checkpoint_resume_cannot_loa
     for trial in range(5):
         name = f"run{trial}"
         run = tmp_path / name
-        proc = subprocess.Popen(_argv(*args, "-o", name), cwd=tmp_path, env=_env(),
+        proc = subprocess.Popen(cli_argv(*args, "-o", name), cwd=tmp_path, env=cli_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 240
         # From the start of the first checkpoint on, most of the time goes to checkpointing.

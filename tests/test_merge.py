@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import REPO, cli_env, rlhf, run_in
 
-REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny-sft.yaml"
 TEXTS = ["sort dbca =", "sort lkjihg = ghijkl", "The quick brown fox."]
 
@@ -34,29 +33,14 @@ print(json.dumps({"type": type(model).__name__, "out": out}))
 """
 
 
-def _env() -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("RLHF_DEBUG", None)
-    return env
-
-
-def rlhf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**_env(), "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "rlhf_cli.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def trained_run(rlhf_home, tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("merge")
-    proc = rlhf("sft", "--recipe", str(RECIPE), "--set", "data.max_length=32",
-                "--set", "train.batch_size=16", "--set", "train.max_steps=10",
-                "--set", "train.warmup_steps=2", "--set", "train.eval_reward_fn=null",
-                "--set", "train.eval_every=null", "--set", "data.eval=null",
-                "--set", "train.save_every=null", "-o", "run", cwd=work)
-    assert proc.returncode == 0, proc.stderr
-    return work / "run"
+    run, _ = run_in(tmp_path_factory.mktemp("merge"), "sft", "--recipe", str(RECIPE),
+                    "--set", "data.max_length=32", "--set", "train.batch_size=16",
+                    "--set", "train.max_steps=10", "--set", "train.warmup_steps=2",
+                    "--set", "train.eval_reward_fn=null", "--set", "train.eval_every=null",
+                    "--set", "data.eval=null", "--set", "train.save_every=null")
+    return run
 
 
 @pytest.mark.slow
@@ -74,7 +58,8 @@ def test_merged_model_equals_adapter_without_peft(trained_run, tmp_path):
 
     # No `PYTHONPATH` to the repo: only an installed rlhf_cli could be found, and it is blocked.
     plain = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(merged), json.dumps(TEXTS)],
-                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+                           cwd=tmp_path, env=cli_env(pythonpath=False), capture_output=True, text=True,
+                           timeout=300)
     assert plain.returncode == 0, plain.stderr
     result = json.loads(plain.stdout.splitlines()[-1])
     assert result["type"] == "LlamaForCausalLM"

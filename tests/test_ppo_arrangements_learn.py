@@ -15,18 +15,16 @@ of iterations 16-20 was 0.074-0.104 above that of iterations 1-5.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
+import cli_helpers
 import pytest
+from cli_helpers import REPO, read_jsonl
 
 from rlhf_cli.builtin.tasks import MISTAKES, sort_rows
 
-REPO = Path(__file__).resolve().parent.parent
 ARRANGEMENTS = ("1base-1lora", "1base-2lora", "2base-2lora", "separate")
 ITERATIONS = 20
 MIN_RISE = 0.04  # measured rises are 0.057-0.100 (greedy) and 0.074-0.104 (sampled)
@@ -40,16 +38,10 @@ pytestmark = pytest.mark.slow
 
 
 def rlhf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("RLHF_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "rlhf_cli.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    """`rlhf ARGS`, which must succeed (PYTHONPATH as inherited: the installed rlhf_cli)."""
+    proc = cli_helpers.rlhf(*args, cwd=cwd, timeout=600, pythonpath=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")

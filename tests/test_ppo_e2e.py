@@ -8,15 +8,13 @@ with one `error:` line.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import REPO, read_jsonl, rlhf
 
-REPO = Path(__file__).resolve().parent.parent
 ARRANGEMENTS = ("1base-1lora", "1base-2lora", "2base-2lora", "separate")
 # Two small iterations, a small greedy evaluation at the start and the end, no checkpoints.
 FAST = ["--set", "train.max_steps=2", "--set", "train.log_every=1", "--set", "train.eval_every=null",
@@ -26,19 +24,6 @@ FAST = ["--set", "train.max_steps=2", "--set", "train.log_every=1", "--set", "tr
 
 def recipe(arrangement: str) -> str:
     return str(REPO / "recipes" / f"tiny-ppo-{arrangement}.yaml")
-
-
-def rlhf(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`rlhf ARGS` in a fresh interpreter, offline, on one thread (see test_sft_e2e)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    env.pop("RLHF_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "rlhf_cli.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def assert_ppo_run(run: Path, proc: subprocess.CompletedProcess, critic: bool = True) -> list[dict]:

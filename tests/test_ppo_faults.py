@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import cli_helpers
 import pytest
+from cli_helpers import REPO, cli_argv, cli_env, complete_checkpoints, error_line, rlhf, same_tensors, weights
 
-REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "tiny-ppo-1base-1lora.yaml")
 BASE = ["--recipe", RECIPE, "--set", "train.eval_reward_fn=null", "--set", "train.eval_every=null",
         "--set", "train.log_every=1", "--set", "train.save_every=null", "--set", "ppo.rollout_batch_size=8",
@@ -34,49 +33,8 @@ GRPO_PTX = ["--set", "ppo.advantage=grpo", "--set", "ppo.samples_per_prompt=4",
 EMA = ["--set", "ppo.ema_decay=0.8"]
 
 
-def _env() -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    env.pop("RLHF_DEBUG", None)
-    return env
-
-
-def _argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rlhf_cli.cli", *args]
-
-
-def rlhf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(_argv(*args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
-
-
 def train_rows(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("split") != "eval"]
-
-
-def error_line(stderr: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr
-    return errors[0]
-
-
-def weights(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def same_tensors(a: dict, b: dict) -> bool:
-    import torch
-
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def complete_checkpoints(run: Path) -> list[Path]:
-    from rlhf_cli.engine.checkpoint import list_checkpoints
-
-    return [p for p in list_checkpoints(run) if (p / "trainer_state.json").is_file()]
+    return cli_helpers.train_rows(run, strict=True)  # a blank line in metrics.jsonl fails too
 
 
 def assert_same_run(run: Path, straight: Path) -> None:
@@ -97,22 +55,6 @@ def assert_same_run(run: Path, straight: Path) -> None:
         assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, final
 
 
-@pytest.fixture
-def in_process(rlhf_home, tmp_path, monkeypatch):
-    """`rlhf ...` run by rlhf_cli.cli.main in this process, so a test can patch its insides."""
-    import torch
-
-    from rlhf_cli import cli
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RLHF_COMMAND", "rlhf (test)")
-    monkeypatch.delenv("RLHF_DEBUG", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield lambda *args: cli.main(list(args))
-    torch.set_num_threads(threads)
-
-
 def _wait_for(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline and not ready():
@@ -126,7 +68,7 @@ def _wait_for(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(rlhf_home, tmp_path):
     args = ["ppo", *BASE, *EMA, "--set", "train.max_steps=24"]
-    proc = subprocess.Popen(_argv(*args, "-o", "run"), cwd=tmp_path, env=_env(),
+    proc = subprocess.Popen(cli_argv(*args, "-o", "run"), cwd=tmp_path, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "run"
     _wait_for(proc, lambda: (run / "metrics.jsonl").is_file()
@@ -161,7 +103,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(rlhf_home, tmp_p
 @pytest.mark.parametrize("options", [EMA, GRPO_PTX + EMA], ids=["gae-ema", "grpo-ptx-ema"])
 def test_resume_after_sigkill_equals_an_uninterrupted_run(options, rlhf_home, tmp_path):
     args = ["ppo", *BASE, *options, "--set", "train.max_steps=8", "--set", "train.save_every=1"]
-    proc = subprocess.Popen(_argv(*args, "-o", "run"), cwd=tmp_path, env=_env(),
+    proc = subprocess.Popen(cli_argv(*args, "-o", "run"), cwd=tmp_path, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "run"
     _wait_for(proc, lambda: (run / "checkpoints" / "step-3" / "trainer_state.json").is_file())

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import REPO, eval_rows, rlhf, run_in, train_rows
 
-REPO = Path(__file__).resolve().parent.parent
 RM_RECIPE = REPO / "recipes" / "tiny-rm.yaml"
 DPO_RECIPE = REPO / "recipes" / "tiny-dpo.yaml"
 EVAL_PAIRS = 100
@@ -28,27 +25,6 @@ DPO_STEPS = 30
 DPO_FAST = ["--set", "data.train=builtin:sort:train:512", "--set", f"data.eval={EVAL_DATA}",
             "--set", "data.max_length=32", "--set", "train.log_every=1",
             "--set", "train.eval_reward_fn=null", "--set", "train.save_every=null"]
-
-
-def rlhf(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`rlhf ARGS` in a fresh interpreter, offline, on one thread (two shared cores)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    env.pop("RLHF_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "rlhf_cli.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def train_rows(run: Path) -> list[dict]:
-    return [r for r in read_jsonl(run / "metrics.jsonl") if r.get("split") != "eval"]
-
-
-def eval_rows(run: Path) -> list[dict]:
-    return [r for r in read_jsonl(run / "metrics.jsonl") if r.get("split") == "eval"]
 
 
 # ------------------------------------------------------------------ reward model
@@ -96,13 +72,10 @@ def test_reward_is_read_at_the_eos_whatever_the_padding():
 
 @pytest.fixture(scope="module")
 def rm_run(rlhf_home, tmp_path_factory):
-    work = tmp_path_factory.mktemp("rm_e2e")
-    proc = rlhf("rm", "--recipe", str(RM_RECIPE), "--set", f"train.max_steps={RM_STEPS}",
-                "--set", f"train.eval_every={RM_STEPS}", "--set", "train.save_every=null",
-                "--set", f"data.eval={EVAL_DATA}", "--set", "data.max_length=32",
-                "-o", "run", cwd=work)
-    assert proc.returncode == 0, proc.stderr
-    return work / "run", proc
+    return run_in(tmp_path_factory.mktemp("rm_e2e"), "rm", "--recipe", str(RM_RECIPE),
+                  "--set", f"train.max_steps={RM_STEPS}", "--set", f"train.eval_every={RM_STEPS}",
+                  "--set", "train.save_every=null", "--set", f"data.eval={EVAL_DATA}",
+                  "--set", "data.max_length=32")
 
 
 @pytest.mark.slow
@@ -179,12 +152,8 @@ def test_merged_rm_loads_in_transformers_and_eval_agrees(rm_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def dpo_run(rlhf_home, tmp_path_factory):
-    work = tmp_path_factory.mktemp("dpo_e2e")
-    proc = rlhf("dpo", "--recipe", str(DPO_RECIPE), *DPO_FAST,
-                "--set", f"train.max_steps={DPO_STEPS}", "--set", f"train.eval_every={DPO_STEPS}",
-                "-o", "run", cwd=work)
-    assert proc.returncode == 0, proc.stderr
-    return work / "run", proc
+    return run_in(tmp_path_factory.mktemp("dpo_e2e"), "dpo", "--recipe", str(DPO_RECIPE), *DPO_FAST,
+                  "--set", f"train.max_steps={DPO_STEPS}", "--set", f"train.eval_every={DPO_STEPS}")
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import REPO, read_jsonl, rlhf, run_in
 
-REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny-sft.yaml"
 # Small and quick: short sequences, few eval prompts, no mid-run eval but one checkpoint.
 FAST = ["--set", "data.max_length=32", "--set", "train.batch_size=16",
@@ -23,32 +23,11 @@ FAST = ["--set", "data.max_length=32", "--set", "train.batch_size=16",
 STEPS = 60
 
 
-def rlhf(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`rlhf ARGS` in a fresh interpreter, offline, on one thread.
-
-    One thread: with two busy cores, OpenMP's spinning threads make a tiny model's step ~40x
-    slower than a single thread does.
-    """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    env.pop("RLHF_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "rlhf_cli.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 @pytest.fixture(scope="module")
 def sft_run(rlhf_home, tmp_path_factory):
-    work = tmp_path_factory.mktemp("sft_e2e")
-    proc = rlhf("sft", "--recipe", str(RECIPE), *FAST,
-                "--set", f"train.max_steps={STEPS}", "--set", "train.log_every=10",
-                "--set", "train.eval_every=null", "--set", "train.save_every=30",
-                "-o", "run", cwd=work)
-    assert proc.returncode == 0, proc.stderr
-    return work / "run", proc
+    return run_in(tmp_path_factory.mktemp("sft_e2e"), "sft", "--recipe", str(RECIPE), *FAST,
+                  "--set", f"train.max_steps={STEPS}", "--set", "train.log_every=10",
+                  "--set", "train.eval_every=null", "--set", "train.save_every=30")
 
 
 @pytest.mark.slow
