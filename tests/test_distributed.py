@@ -139,11 +139,23 @@ def test_zero2_resume_continues_the_same_run(runs, zero2):
     assert_same_adapter(out, zero2)
 
 
+def zero3_every_weight_sharded(runs: Path) -> Path:
+    """The ZeRO-3 preset with a persistence threshold of 0: the preset's 1e5 elements exceed
+    every weight of the tiny model, which would then stay whole on every rank."""
+    config = json.loads((REPO / ZERO3).read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = runs / "zero3-sharded.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
 @two_ranks
-def test_zero3_lora_with_generation_eval(runs, single):
+@pytest.mark.parametrize("preset", ["as-shipped", "every-weight-sharded"])
+def test_zero3_lora_with_generation_eval(runs, single, preset):
     """Sharded weights: generation on every rank (uneven prompts), gathered adapter."""
-    out = runs / "zero3"
-    rlhf(out, *two_processes(f"launch.deepspeed={ZERO3}"),
+    out = runs / f"zero3-{preset}"
+    config = ZERO3 if preset == "as-shipped" else zero3_every_weight_sharded(runs)
+    rlhf(out, *two_processes(f"launch.deepspeed={config}"),
          "train.eval_reward_fn=rlhf_cli.builtin.tasks:sort_reward",
          "train.eval_num_prompts=5", "train.eval_max_new_tokens=6")
     assert world_size(out) == 2
