@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import io
 from array import array
-from collections.abc import Sequence
 
+from rlhf_cli.data.file_rows import FileRows, LineLocations
 from rlhf_cli.data.json_array import read_at
 from rlhf_cli.errors import UserError
 
 
-class CsvRows(Sequence):
+class CsvRows(FileRows):
     def __init__(self, path: str):
         self.path = path
         self._offsets, self._lines = array("q"), array("q")
@@ -32,7 +32,7 @@ class CsvRows(Sequence):
         except BaseException:
             self._handle.close()
             raise
-        self.locations = _Locations(path, self._lines)
+        self.locations = LineLocations(path, self._lines)
 
     def _text_lines(self):
         """Decoded lines (split at "\\n" only, as `_parse` splits them), noting where each starts."""
@@ -84,26 +84,3 @@ class CsvRows(Sequence):
         cells = next(csv.reader(io.StringIO(text, newline="\n")))
         return dict(zip(self.fields, cells, strict=True))
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
-        return f"CsvRows({self.path!r}, {len(self)} rows)"
-
-    def close(self) -> None:
-        self._handle.close()
-
-
-class _Locations(Sequence):
-    def __init__(self, path: str, lines: array):
-        self.path, self.lines = path, lines
-
-    def __len__(self) -> int:
-        return len(self.lines)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [f"{self.path}:{line}" for line in self.lines[index]]
-        return f"{self.path}:{self.lines[index]}"

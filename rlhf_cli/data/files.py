@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rlhf_cli.data.arrow_rows import HubRows, load_parquet
 from rlhf_cli.data.csv_rows import CsvRows
+from rlhf_cli.data.file_rows import FileRows, LineLocations
 from rlhf_cli.data.json_array import JsonArrayRows, JsonLinesInstead, index_json
 from rlhf_cli.errors import UserError
 
@@ -37,7 +38,7 @@ class Rows(list):
         self.locations = locations
 
 
-class JsonlRows(Sequence):
+class JsonlRows(FileRows):
     """The rows of a .jsonl (or .jsonl.gz) file, parsed on demand.
 
     Holds 16 bytes a row (offset and line number) instead of the parsed dicts, which take
@@ -55,7 +56,7 @@ class JsonlRows(Sequence):
         except (OSError, EOFError) as exc:
             # gzip raises BadGzipFile (an OSError) lazily, on the first read
             raise UserError(f"cannot read {path}: {exc}") from exc
-        self.locations = _Locations(path, self._lines)
+        self.locations = LineLocations(path, self._lines)
 
     def _open_indexable(self):
         if not self.path.lower().endswith(".gz"):
@@ -99,31 +100,6 @@ class JsonlRows(Sequence):
         self._handle.seek(start)
         return self._handle.read(size)
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
-        return f"JsonlRows({self.path!r}, {len(self)} rows)"
-
-    def close(self) -> None:
-        self._handle.close()
-
-
-class _Locations(Sequence):
-    """`locations[i]` of JsonlRows, computed rather than stored (`file.jsonl:LINE`)."""
-
-    def __init__(self, path: str, lines: array):
-        self.path, self.lines = path, lines
-
-    def __len__(self) -> int:
-        return len(self.lines)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [f"{self.path}:{line}" for line in self.lines[index]]
-        return f"{self.path}:{self.lines[index]}"
 
 
 def _parse_line(line: bytes | str, path: str, lineno: int) -> dict:

@@ -14,6 +14,7 @@ import os
 from array import array
 from collections.abc import Sequence
 
+from rlhf_cli.data.file_rows import FileRows
 from rlhf_cli.errors import UserError
 
 CHUNK = 1 << 20  # bytes read at a time
@@ -196,7 +197,7 @@ def _index_object(reader: _Reader, decoder: json.JSONDecoder) -> tuple[array, ar
     return found
 
 
-class JsonArrayRows(Sequence):
+class JsonArrayRows(FileRows):
     """The rows of a .json list, parsed on demand from their byte ranges."""
 
     def __init__(self, path: str, handle, offsets: array, sizes: array):
@@ -215,17 +216,6 @@ class JsonArrayRows(Sequence):
             return Rows([self[i] for i in picked], [self.locations[i] for i in picked])
         index = range(len(self))[index]
         return json.loads(read_at(self._handle, self._offsets[index], self._sizes[index]))
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
-        return f"JsonArrayRows({self.path!r}, {len(self)} rows)"
-
-    def close(self) -> None:
-        self._handle.close()
 
 
 class _RowLocations(Sequence):

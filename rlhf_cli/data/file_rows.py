@@ -1,0 +1,40 @@
+"""What the file-backed row sequences share (JSON lines, JSON arrays, CSV): equality with
+any sequence of the same rows, no hashing, a short repr, closing the file; and the
+`file:LINE` locations of line-based formats, computed rather than stored."""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+
+
+class FileRows(Sequence):
+    """Subclasses set `path` and `_handle` and implement __len__ / __getitem__."""
+
+    path: str
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, {len(self)} rows)"
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class LineLocations(Sequence):
+    """`locations[i]` = `file:LINE` of row i, from an array of line numbers."""
+
+    def __init__(self, path: str, lines: array):
+        self.path, self.lines = path, lines
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [f"{self.path}:{line}" for line in self.lines[index]]
+        return f"{self.path}:{self.lines[index]}"
