@@ -68,16 +68,7 @@ class CsvRows(FileRows):
             self._offsets.append(offset)
             self._lines.append(line)
 
-    def __len__(self) -> int:
-        return len(self._offsets)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            from rlhf_cli.data.files import Rows
-
-            picked = range(len(self))[index]
-            return Rows([self[i] for i in picked], [self.locations[i] for i in picked])
-        index = range(len(self))[index]
+    def _row(self, index: int):
         start = self._offsets[index]
         end = self._offsets[index + 1] if index + 1 < len(self) else self._size
         text = read_at(self._handle, start, end - start).decode("utf-8")

@@ -9,9 +9,24 @@ from collections.abc import Sequence
 
 
 class FileRows(Sequence):
-    """Subclasses set `path` and `_handle` and implement __len__ / __getitem__."""
+    """Subclasses set `path`, `_handle`, `_offsets` (one entry a row) and `locations`, and
+    read row i in `_row(i)`; a slice is a list of rows that keeps their locations."""
 
     path: str
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            from rlhf_cli.data.files import Rows  # files.py imports this module
+
+            picked = range(len(self))[index]
+            return Rows([self[i] for i in picked], [self.locations[i] for i in picked])
+        return self._row(range(len(self))[index])  # negative indices; IndexError out of range
+
+    def _row(self, index: int):
+        raise NotImplementedError
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Sequence) and list(self) == list(other)

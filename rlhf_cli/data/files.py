@@ -81,14 +81,7 @@ class JsonlRows(FileRows):
             offset += len(line)
         self._size = offset
 
-    def __len__(self) -> int:
-        return len(self._offsets)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            picked = range(len(self))[index]
-            return Rows([self[i] for i in picked], [self.locations[i] for i in picked])
-        index = range(len(self))[index]  # negative indices; IndexError when out of range
+    def _row(self, index: int):
         start = self._offsets[index]
         end = self._offsets[index + 1] if index + 1 < len(self) else self._size
         # Up to the next row: blank lines in between are whitespace, which JSON allows.

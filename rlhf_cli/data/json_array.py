@@ -205,16 +205,7 @@ class JsonArrayRows(FileRows):
         self._offsets, self._sizes = offsets, sizes
         self.locations = _RowLocations(path, len(offsets))
 
-    def __len__(self) -> int:
-        return len(self._offsets)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            from rlhf_cli.data.files import Rows
-
-            picked = range(len(self))[index]
-            return Rows([self[i] for i in picked], [self.locations[i] for i in picked])
-        index = range(len(self))[index]
+    def _row(self, index: int):
         return json.loads(read_at(self._handle, self._offsets[index], self._sizes[index]))
 
 
