@@ -31,10 +31,10 @@ from rlhf_cli.data.sft import (
     _check_lengths,
     _text,
     _truncate_response,
+    messages_of,
     truncate_prompt,
 )
 from rlhf_cli.data.templates import (
-    ROLES,
     Template,
     Token,
     encode_segments,
@@ -178,23 +178,6 @@ def _response(value: Any, key: str, where: str) -> tuple[list[dict], str]:
         raise UserError(f"the last message of '{key}' must be the assistant's answer, got role "
                         f"{messages[-1]['role']!r}", where=where)
     return messages[:-1], messages[-1]["content"]
-
-
-def messages_of(value: Any, key: str, where: str) -> list[dict]:
-    """A validated non-empty list of `{"role", "content"}` (content None counts as "")."""
-    if not isinstance(value, list) or not value:
-        raise UserError(f"'{key}' must be a non-empty list of {{role, content}}", where=where)
-    out = []
-    for i, message in enumerate(value):
-        spot = f"{where} {key}[{i}]"
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise UserError("each message needs 'role' and 'content'", where=spot)
-        if message["role"] not in ROLES:
-            raise UserError(f"unknown role {message['role']!r}; expected one of "
-                            f"{', '.join(ROLES)}", where=spot)
-        out.append({"role": message["role"],
-                    "content": _text(message, "content", spot, optional=True)})
-    return out
 
 
 def prompt_text(conversation: list[dict]) -> str:

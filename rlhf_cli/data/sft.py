@@ -91,20 +91,26 @@ def _text(row: dict, key: str, where: str, optional: bool = False) -> str:
     return str(value)
 
 
-def _from_messages(messages: Any, where: str) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise UserError("'messages' must be a non-empty list of {role, content}", where=where)
-    conversation = []
-    for i, message in enumerate(messages):
-        spot = f"{where} messages[{i}]"
+def messages_of(value: Any, key: str, where: str) -> list[dict]:
+    """A validated non-empty list of `{"role", "content"}` (content None counts as "")."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"'{key}' must be a non-empty list of {{role, content}}", where=where)
+    out = []
+    for i, message in enumerate(value):
+        spot = f"{where} {key}[{i}]"
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise UserError("each message needs 'role' and 'content'", where=spot)
         if message["role"] not in ROLES:
             raise UserError(f"unknown role {message['role']!r}; expected one of "
                             f"{', '.join(ROLES)}", where=spot)
         # content None is how OpenAI-style data writes an assistant turn with only tool calls
-        content = _text(message, "content", spot, optional=True)
-        conversation.append({"role": message["role"], "content": content})
+        out.append({"role": message["role"],
+                    "content": _text(message, "content", spot, optional=True)})
+    return out
+
+
+def _from_messages(messages: Any, where: str) -> list[dict]:
+    conversation = messages_of(messages, "messages", where)
     roles = [m["role"] for m in conversation]
     if "assistant" not in roles:
         raise UserError("'messages' has no assistant turn to train on", where=where)
