@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,21 @@ def add_common_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     p.add_argument("--keep", type=Path, help="keep data, recipes, run dirs and logs in this directory")
     p.add_argument("--dry-run", action="store_true",
                    help="prepare the data and print the plan and the commands; train nothing")
+
+
+def add_size_args(p: argparse.ArgumentParser, *, lr: float, batch_help: str | None = None) -> None:
+    """--batch-size, --max-length and --lr, as the SFT and DPO benches and their trl runners take them."""
+    p.add_argument("--batch-size", type=int, default=8, help=batch_help)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--lr", type=float, default=lr)
+
+
+def add_lora_args(p: argparse.ArgumentParser, *, dropout: float | None = None) -> None:
+    """--lora-r, --lora-alpha and, with a default `dropout`, --lora-dropout."""
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    if dropout is not None:
+        p.add_argument("--lora-dropout", type=float, default=dropout)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -350,6 +366,17 @@ def make_work_dir(keep: Path | None, prefix: str) -> Path:
     work = Path(tempfile.mkdtemp(prefix=prefix)) if keep is None else keep
     work.mkdir(parents=True, exist_ok=True)
     return work
+
+
+@contextmanager
+def work_dir(keep: Path | None, prefix: str):
+    """`keep`, or a fresh temporary directory removed afterwards."""
+    work = make_work_dir(keep, prefix)
+    try:
+        yield work
+    finally:
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------- checking

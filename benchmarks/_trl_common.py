@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+from _common import add_lora_args, add_size_args
+
 
 def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a Hugging Face model directory")
@@ -20,15 +22,51 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--report", required=True, help="where to write the JSON report")
     p.add_argument("--max-steps", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=int, default=32)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    add_size_args(p, lr=2e-4)
+    add_lora_args(p, dropout=0.05)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, required=True)
+
+
+def load(args):
+    """With `args.threads` torch threads and trl imported: the jsonl rows, their dataset, the
+    tokenizer and the model (fp32)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+    import trl  # noqa: F401  (the runner's trainer: imported before the data and the model are read)
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
+    dataset = Dataset.from_list(rows)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    return rows, dataset, tokenizer, model
+
+
+def make_trainer(trainer_cls, config, model, dataset, tokenizer, args, count):
+    """The trl trainer with LoRA, its batches counted with `count` and the clock below added:
+    (trainer, batches, record)."""
+    trainer = trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                          peft_config=lora(args))
+    batches = count_batches(trainer, count)
+    record = add_clock(trainer)
+    return trainer, batches, record
+
+
+def train(args, trainer, record: dict, started: float, rows: list, prepared, examples: list[dict],
+          batches: list[dict], **extra) -> None:
+    """Train, then write the report: what the trainer `prepared` from `rows`, and `extra`."""
+    call_start = time.perf_counter()
+    trainer.train()
+    call_end = time.perf_counter()
+    write_report(args.report, trainer, record, started, {
+        "rows_in": len(rows), "rows_prepared": len(prepared), "examples": examples,
+        "batches": batches, "train_call_s": call_end - call_start, **extra,
+    })
 
 
 def training_args(args) -> dict:

@@ -10,11 +10,9 @@ JSON report like the SFT runner's: step times, every batch's tokens, the prepare
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
-from _trl_common import add_clock, common_args, count_batches, lora, training_args, write_report
+from _trl_common import common_args, load, make_trainer, train, training_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,18 +46,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
 
-    import torch
+    rows, dataset, tokenizer, model = load(args)
 
-    torch.set_num_threads(args.threads)
-
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
-
-    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
-    dataset = Dataset.from_list(rows)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 
     config = DPOConfig(
         **training_args(args),
@@ -71,21 +60,13 @@ def main(argv=None) -> None:
         precompute_ref_batch_size=args.batch_size,  # ours: train.batch_size (no eval batch size set)
         disable_dropout=True,  # the default; the bench uses LoRA dropout 0 on both sides anyway
     )
-    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=lora(args))
-    batches = count_batches(trainer, count_dpo)
-    record = add_clock(trainer)
+    trainer, batches, record = make_trainer(DPOTrainer, config, model, dataset, tokenizer, args, count_dpo)
 
     prepared = trainer.train_dataset
     examples = as_examples(prepared, args.max_length)
 
-    call_start = time.perf_counter()
-    trainer.train()
-    call_end = time.perf_counter()
-    write_report(args.report, trainer, record, started, {
-        "rows_in": len(rows), "rows_prepared": len(prepared), "examples": examples, "batches": batches,
-        "train_call_s": call_end - call_start, "precompute_ref": args.precompute_ref,
-    })
+    train(args, trainer, record, started, rows, prepared, examples, batches,
+          precompute_ref=args.precompute_ref)
 
 
 if __name__ == "__main__":

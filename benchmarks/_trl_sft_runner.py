@@ -12,11 +12,9 @@ parent samples this process's RSS and CPU time at the same points as our CLI's.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
-from _trl_common import add_clock, common_args, count_batches, lora, training_args, write_report
+from _trl_common import common_args, load, make_trainer, train, training_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,18 +34,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
 
-    import torch
+    rows, dataset, tokenizer, model = load(args)
 
-    torch.set_num_threads(args.threads)
-
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
-
-    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
-    dataset = Dataset.from_list(rows)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 
     config = SFTConfig(
         **training_args(args),
@@ -55,22 +44,13 @@ def main(argv=None) -> None:
         padding_free=False,
         completion_only_loss=None,  # None = completion only for prompt-completion data
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=lora(args))
-    batches = count_batches(trainer, count_sft)
-    record = add_clock(trainer)
+    trainer, batches, record = make_trainer(SFTTrainer, config, model, dataset, tokenizer, args, count_sft)
 
     prepared = trainer.train_dataset
     examples = [{"input_ids": list(ids), "labels": list(labels)}
                 for ids, labels in zip(prepared["input_ids"], prepared["labels"], strict=True)]
 
-    call_start = time.perf_counter()
-    trainer.train()
-    call_end = time.perf_counter()
-    write_report(args.report, trainer, record, started, {
-        "rows_in": len(rows), "rows_prepared": len(prepared), "examples": examples, "batches": batches,
-        "train_call_s": call_end - call_start,
-    })
+    train(args, trainer, record, started, rows, prepared, examples, batches)
 
 
 if __name__ == "__main__":
