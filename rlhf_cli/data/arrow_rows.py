@@ -18,31 +18,32 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
+from rlhf_cli.data.file_rows import FileRows
 from rlhf_cli.errors import UserError
 
 BATCH_ROWS = 256  # a random read decodes this many rows
 CACHED_BATCHES = 8
 
 
-class ArrowRows(Sequence):
+class ArrowRows(FileRows):
     """The rows of a stream of Arrow record batches, spooled to a temporary file."""
 
     def __init__(self, batches: Iterator, schema, locate):
         """`batches`: pyarrow RecordBatches (any sizes), `locate(i)`: where row i came from."""
         import pyarrow as pa
 
-        self._file = tempfile.TemporaryFile(prefix="rlhf-rows-", suffix=".arrow")
+        self._handle = tempfile.TemporaryFile(prefix="rlhf-rows-", suffix=".arrow")
         self._starts = array("q", [0])  # first row of each stored batch, then the total
         codec = "lz4" if pa.Codec.is_available("lz4") else None
-        sink = pa.PythonFile(self._file, mode="w")
+        sink = pa.PythonFile(self._handle, mode="w")
         with pa.ipc.new_file(sink, schema, options=pa.ipc.IpcWriteOptions(compression=codec)) as out:
             for batch in batches:
                 for start in range(0, batch.num_rows, BATCH_ROWS):
                     piece = batch.slice(start, BATCH_ROWS)
                     out.write_batch(piece)
                     self._starts.append(self._starts[-1] + piece.num_rows)
-        self._file.seek(0)
-        self._reader = pa.ipc.open_file(pa.PythonFile(self._file, mode="r"))
+        self._handle.seek(0)
+        self._reader = pa.ipc.open_file(pa.PythonFile(self._handle, mode="r"))
         self._cache: OrderedDict[int, object] = OrderedDict()
         self.locations = _Locations(locate, len(self))
 
@@ -59,13 +60,7 @@ class ArrowRows(Sequence):
             self._cache.move_to_end(k)
         return batch
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            from rlhf_cli.data.files import Rows
-
-            picked = range(len(self))[index]
-            return Rows([self[i] for i in picked], [self.locations[i] for i in picked])
-        index = range(len(self))[index]
+    def _row(self, index: int):
         k = bisect_right(self._starts, index) - 1
         return self._batch(k).slice(index - self._starts[k], 1).to_pylist()[0]
 
@@ -73,16 +68,8 @@ class ArrowRows(Sequence):
         for k in range(len(self._starts) - 1):  # a batch at a time: no per-row slicing
             yield from self._reader.get_batch(k).to_pylist()
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # a temporary spool file: no path worth showing
         return f"ArrowRows({len(self)} rows)"
-
-    def close(self) -> None:
-        self._file.close()
 
 
 class _Locations(Sequence):

@@ -1,4 +1,4 @@
-"""What the file-backed row sequences share (JSON lines, JSON arrays, CSV): equality with
+"""What the file-backed row sequences share (JSON lines, JSON arrays, CSV, Arrow spools): equality with
 any sequence of the same rows, no hashing, a short repr, closing the file; and the
 `file:LINE` locations of line-based formats, computed rather than stored."""
 
@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 
 class FileRows(Sequence):
-    """Subclasses set `path`, `_handle`, `_offsets` (one entry a row) and `locations`, and
-    read row i in `_row(i)`; a slice is a list of rows that keeps their locations."""
+    """Subclasses set `path`, `_handle` (the open file), `_offsets` (one entry a row, or their
+    own __len__) and `locations`, and read row i in `_row(i)`; a slice is a list of rows that
+    keeps their locations."""
 
     path: str
 
