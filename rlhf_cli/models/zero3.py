@@ -1,6 +1,8 @@
-"""ZeRO-3 helpers for generation: sharded weights gathered once, not once per token.
+"""ZeRO-3 helpers: whole weights where partitioned ones cannot be used as they are.
 
-Used by PPO's rollouts and by the stages' generation-based evaluation.
+`weights_gathered_once` serves generation (PPO's rollouts, the stages' generation-based
+evaluation): sharded weights gathered once, not once per token. `gathered` serves code that
+reads or writes a few weights whole (the actor EMA).
 """
 
 from __future__ import annotations
@@ -10,6 +12,20 @@ import contextlib
 # Marks the gathered weights as in use for the whole generation (ZeRO-3 releases only weights
 # that no running module uses); a string never equals a module's integer ds_id.
 _GENERATION_USE = "rlhf-generation"
+
+
+def gathered(params, modifier_rank: int | None = None):
+    """Whole weights inside the block, also under ZeRO-3 (collective: every process enters it).
+
+    With `modifier_rank`, what that process writes into them is what every process holds after.
+    No-op without ZeRO-3 (no weight has a `ds_id`).
+    """
+    sharded = [p for p in params if hasattr(p, "ds_id")]
+    if not sharded:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=modifier_rank)
 
 
 @contextlib.contextmanager
@@ -26,9 +42,7 @@ def weights_gathered_once(model):
     if not params:
         yield
         return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params):
+    with gathered(params):
         for param in params:
             param.ds_active_sub_modules.add(_GENERATION_USE)
         try:

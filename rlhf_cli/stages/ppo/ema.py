@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ...models.zero3 import gathered
 from .adapters import POLICY
 
 EMA_FILE = "ema.safetensors"
@@ -29,19 +30,6 @@ def actor_parameters(arrangement) -> dict[str, torch.nn.Parameter]:
     """The policy's trainable weights, by name in the arrangement (`actor.` ... `.default.`)."""
     return {name: p for name, p in arrangement.named_parameters()
             if p.requires_grad and name.startswith("actor.") and f".{POLICY}." in name}
-
-
-def gathered(params, modifier_rank: int | None = None):
-    """Whole weights inside the block, also under ZeRO-3 (collective: every process enters it).
-
-    With `modifier_rank`, what that process writes into them is what every process holds after.
-    """
-    sharded = [p for p in params if hasattr(p, "ds_id")]
-    if not sharded:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=modifier_rank)
 
 
 class ActorEMA:

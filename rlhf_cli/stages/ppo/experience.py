@@ -56,6 +56,12 @@ def old_policy_outputs(arrangement, rollout: Rollout):
     return logp, ref, values
 
 
+def summed_over_processes(backend):
+    """The `reduce` of the masked statistics (whitening, explained variance): each local
+    moment summed over all processes."""
+    return lambda moments: tuple(backend.all_reduce_sum(m) for m in moments)
+
+
 def build_experience(arrangement, rollout: Rollout, raw_scores: torch.Tensor, ppo: PPOSection,
                      kl_coef: float, backend, reward_stats: dict | None) -> Experience:
     old_logp, ref_logp, values = old_policy_outputs(arrangement, rollout)
@@ -67,7 +73,7 @@ def build_experience(arrangement, rollout: Rollout, raw_scores: torch.Tensor, pp
     advantages, returns = estimate_advantages(
         ppo.advantage, scores, kl, mask, kl_coef, values=values, gamma=ppo.gamma, lam=ppo.lam,
         group_size=ppo.samples_per_prompt,
-        reduce=lambda moments: tuple(backend.all_reduce_sum(m) for m in moments))
+        reduce=summed_over_processes(backend))
     kl_per_response = (kl_k1(old_logp, ref_logp) * mask).sum(dim=1)
     return Experience(rollout, old_logp, ref_logp, values, advantages, returns, raw_scores,
                       kl_per_response)

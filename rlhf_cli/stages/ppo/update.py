@@ -13,7 +13,7 @@ from ...algorithms.masked import masked_mean
 from ...algorithms.ppo import explained_variance, policy_loss, value_loss
 from ...engine.memory import release_freed_memory
 from ...schema import PPOSection
-from .experience import Experience
+from .experience import Experience, summed_over_processes
 
 
 def _rows(experience: Experience, index: torch.Tensor) -> dict:
@@ -183,5 +183,5 @@ def _means(totals: dict, count: int, grad_norm: float, experience: Experience, p
     if experience.old_values is not None:
         means["explained_variance"] = float(explained_variance(
             experience.old_values, experience.returns, experience.rollout.response_mask,
-            reduce=lambda moments: tuple(backend.all_reduce_sum(m) for m in moments)))
+            reduce=summed_over_processes(backend)))
     return means
