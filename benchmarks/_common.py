@@ -1,5 +1,5 @@
 """What the benchmarks share: data files, running a side in a fresh measured process, the timed
-window read from its "step N/TOTAL" lines, best-of-N summaries, the environment and the report.
+window read from its "step N/TOTAL" lines, best-of-N summaries (the report: _report.py).
 
 Nothing here imports torch: the parent process of a benchmark only starts and watches children.
 """
@@ -10,7 +10,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from _report import loadavg
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -298,66 +299,7 @@ def ratios(ours: dict, theirs: dict, keys) -> dict:
     return {k: ours[k] / theirs[k] for k in keys if ours.get(k) is not None and theirs.get(k)}
 
 
-# ---------------------------------------------------------------------------------------- reporting
-
-
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for name in ("rlhf-cli", "torch", "transformers", "peft", "trl", "accelerate", "datasets"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def machine() -> dict:
-    return {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine()}
-
-
-def loadavg() -> float:
-    return os.getloadavg()[0]
-
-
-def header(benchmark: str) -> dict:
-    return {"benchmark": benchmark, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
-            "versions": versions()}
-
-
-def write_json(result: dict, path: Path | None) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {path}")
-
-
-def print_rows(title: str, columns: list[str], rows: list[tuple]) -> None:
-    """A rich table: `rows` are (label, value, value, ...) with values already formatted."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column(columns[0])
-    for name in columns[1:]:
-        table.add_column(name, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
-
-
-def cell(value, fmt: str) -> str:
-    return "n/a" if value is None else fmt.format(value)
-
-
-def compare_rows(labels: list[tuple[str, str, str]], sides: list[dict], ratio: dict) -> list[tuple]:
-    """(label, key, format) -> table rows with one cell per side and the ratio of the first two."""
-    return [(label, *(cell(side.get(key), fmt) for side in sides), cell(ratio.get(key), "{:.2f}"))
-            for label, key, fmt in labels]
+# ------------------------------------------------------------------------------------- work dirs
 
 
 def make_work_dir(keep: Path | None, prefix: str) -> Path:
@@ -377,46 +319,6 @@ def work_dir(keep: Path | None, prefix: str):
     finally:
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------- checking
-
-
-def same_example(ours: dict, trl: dict, eos_id: int) -> str | None:
-    """"same", "last" (equal but for the final token, where ours puts the EOS of a response cut at
-    max_length and trl keeps the cut response's token) or None (different). Both are
-    `{"input_ids", "labels"}` with -100 where no loss."""
-    if ours == trl:
-        return "same"
-    a, b = ours["input_ids"], trl["input_ids"]
-    if (len(a) == len(b) and a[:-1] == b[:-1] and ours["labels"][:-1] == trl["labels"][:-1]
-            and a[-1] == eos_id and ours["labels"][-1] == eos_id and trl["labels"][-1] == b[-1]):
-        return "last"
-    return None
-
-
-def compare_examples(ours: list[dict], theirs: list[dict], eos_id: int) -> tuple[list[str], dict]:
-    """Problems (none when every example matches) and the counts of "same" and "last" verdicts."""
-    counts = {"same": 0, "last": 0}
-    if len(theirs) != len(ours):
-        return [f"trl prepared {len(theirs)} examples, ours {len(ours)}"], counts
-    verdicts = [same_example(a, b, eos_id) for a, b in zip(ours, theirs, strict=True)]
-    for verdict in verdicts:
-        if verdict is not None:
-            counts[verdict] += 1
-    diff = [i for i, v in enumerate(verdicts) if v is None]
-    if not diff:
-        return [], counts
-    i = diff[0]
-    return [f"{len(diff)} examples differ in tokens or labels, e.g. #{i}: ours "
-            f"{len(ours[i]['input_ids'])} tokens, trl {len(theirs[i]['input_ids'])}"], counts
-
-
-def compare_batches(ours: list[dict], theirs: list[dict], total: int) -> list[str]:
-    if theirs[:total] == ours[:total]:
-        return []
-    diff = [i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b]
-    return [f"{len(diff)} batches differ, e.g. step {diff[0] + 1 if diff else '?'}"]
 
 
 def alternate(sides: list[str], repeats: int, run_side) -> dict[str, list[dict]]:

@@ -21,14 +21,9 @@ from _common import (
     check_window,
     child_env,
     clock_check,
-    compare_batches,
-    compare_examples,
-    compare_rows,
     contention,
     fail,
-    header,
     in_process_seconds,
-    print_rows,
     ratios,
     read_metrics,
     rlhf_command,
@@ -37,6 +32,7 @@ from _common import (
     summarize_steps,
     timings,
 )
+from _report import compare_rows, header, print_rows
 
 # ---------------------------------------------------------------------------------------- arguments
 
@@ -326,3 +322,43 @@ def print_result(result: dict, kind: str, sizes: str, trainer: str, rows: list[t
                   f"{ratio['peak_rss_mib']:.2f}{memory_goal}")
     if s["contended"]:
         console.print(f"[bold yellow]warning:[/] {s['contended']}")
+
+
+# ----------------------------------------------------------------------------------------- checking
+
+
+def same_example(ours: dict, trl: dict, eos_id: int) -> str | None:
+    """"same", "last" (equal but for the final token, where ours puts the EOS of a response cut at
+    max_length and trl keeps the cut response's token) or None (different). Both are
+    `{"input_ids", "labels"}` with -100 where no loss."""
+    if ours == trl:
+        return "same"
+    a, b = ours["input_ids"], trl["input_ids"]
+    if (len(a) == len(b) and a[:-1] == b[:-1] and ours["labels"][:-1] == trl["labels"][:-1]
+            and a[-1] == eos_id and ours["labels"][-1] == eos_id and trl["labels"][-1] == b[-1]):
+        return "last"
+    return None
+
+
+def compare_examples(ours: list[dict], theirs: list[dict], eos_id: int) -> tuple[list[str], dict]:
+    """Problems (none when every example matches) and the counts of "same" and "last" verdicts."""
+    counts = {"same": 0, "last": 0}
+    if len(theirs) != len(ours):
+        return [f"trl prepared {len(theirs)} examples, ours {len(ours)}"], counts
+    verdicts = [same_example(a, b, eos_id) for a, b in zip(ours, theirs, strict=True)]
+    for verdict in verdicts:
+        if verdict is not None:
+            counts[verdict] += 1
+    diff = [i for i, v in enumerate(verdicts) if v is None]
+    if not diff:
+        return [], counts
+    i = diff[0]
+    return [f"{len(diff)} examples differ in tokens or labels, e.g. #{i}: ours "
+            f"{len(ours[i]['input_ids'])} tokens, trl {len(theirs[i]['input_ids'])}"], counts
+
+
+def compare_batches(ours: list[dict], theirs: list[dict], total: int) -> list[str]:
+    if theirs[:total] == ours[:total]:
+        return []
+    diff = [i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b]
+    return [f"{len(diff)} batches differ, e.g. step {diff[0] + 1 if diff else '?'}"]

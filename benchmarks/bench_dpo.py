@@ -40,15 +40,8 @@ import sys
 from pathlib import Path
 
 import _vs_trl as vs
-from _common import (
-    add_common_args,
-    add_lora_args,
-    has_special_text,
-    read_hh,
-    work_dir,
-    write_json,
-    write_jsonl,
-)
+from _common import add_common_args, add_lora_args, has_special_text, read_hh, work_dir, write_jsonl
+from _report import write_json
 
 RUNNER = Path(__file__).resolve().parent / "_trl_dpo_runner.py"
 UNLIMITED = 10**9

@@ -38,18 +38,15 @@ from _common import (
     child_env,
     contention,
     fail,
-    header,
-    loadavg,
     make_work_dir,
     median,
-    print_rows,
     read_hh,
     read_metrics,
     rlhf_command,
     run_measured,
-    write_json,
     write_jsonl,
 )
+from _report import header, loadavg, print_rows, write_json
 
 ARRANGEMENTS = ("separate", "2base-2lora", "1base-2lora", "1base-1lora")
 PHASES = ("time_generate", "time_score", "time_train")

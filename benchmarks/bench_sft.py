@@ -35,7 +35,8 @@ import sys
 from pathlib import Path
 
 import _vs_trl as vs
-from _common import add_common_args, add_lora_args, read_hh, work_dir, write_json, write_jsonl
+from _common import add_common_args, add_lora_args, read_hh, work_dir, write_jsonl
+from _report import write_json
 
 RUNNER = Path(__file__).resolve().parent / "_trl_sft_runner.py"
 ASSISTANT = "\n\nAssistant:"
