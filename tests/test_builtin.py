@@ -129,7 +129,8 @@ def test_model_config_ids():
 
 @pytest.mark.parametrize(
     ("size", "low", "high"),
-    [("tiny", 0, 1_500_000), ("small", 15_000_000, 25_000_000), ("base", 80_000_000, 120_000_000)],
+    [("tiny", 0, 1_500_000), ("small", 15_000_000, 25_000_000), ("base", 80_000_000, 120_000_000),
+     ("large", 350_000_000, 400_000_000)],
 )
 def test_param_counts(size, low, high):
     assert low < count_params(size) < high
@@ -195,7 +196,7 @@ def test_resolve_builtin(tmp_path):
     path = resolve_builtin("builtin:tiny")
     assert path == tmp_path / "home" / "builtin" / "tiny-v1"
     assert path == builtin_model.default_root() / "tiny-v1"
-    with pytest.raises(UserError, match="builtin:tiny, builtin:small, builtin:base"):
+    with pytest.raises(UserError, match="builtin:tiny, builtin:small, builtin:base, builtin:large"):
         resolve_builtin("builtin:huge")
 
 

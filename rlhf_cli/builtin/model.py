@@ -69,6 +69,17 @@ SIZES: dict[str, dict] = {
         "max_position_embeddings": 1024,
         **_COMMON,
     },
+    # ~374M params: how memory scales once the weights outweigh the libraries (benchmarks).
+    "large": {
+        "vocab_size": 32000,
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "max_position_embeddings": 1024,
+        **_COMMON,
+    },
 }
 
 
