@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_ppo import RECIPE, OneProcess, rollout_of
+from ppo_helpers import RECIPE, OneProcess, rollout_of
 
 from rlhf_cli.config import load_recipe
 from rlhf_cli.errors import UserError
@@ -34,7 +34,7 @@ def recipe_with(*overrides: str):
 
 def setup(recipe, seed: int = 0):
     """An arrangement whose actor differs from the base, a rollout with varied scores, and
-    the one-process backend of test_ppo."""
+    the one-process backend of ppo_helpers."""
     tokenizer = tokenizer_for(recipe)
     torch.manual_seed(seed)
     arrangement = build_arrangement(recipe, tokenizer)

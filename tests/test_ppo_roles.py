@@ -1,0 +1,203 @@
+"""PPO arrangements in process, on the built-in tiny model: where each role starts, what a
+PPO update may change (only the actor and the critic), and the critic-free estimators (no
+critic at all) with the option combinations they refuse.
+
+The reward model is conftest.py's `rm_run`, random but non-zero, so the reward, critic and
+reference paths differ from one another and a mix-up shows; the helpers are ppo_helpers.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ppo_helpers import (
+    ARRANGEMENTS,
+    RECIPE,
+    TRAINABLE,
+    OneProcess,
+    base_logprobs,
+    flags,
+    ppo_recipe,
+    rm_own_scores,
+    rollout_of,
+    trainable_groups,
+)
+
+from rlhf_cli.config import load_recipe
+from rlhf_cli.errors import UserError
+from rlhf_cli.stages.common import tokenizer_for
+from rlhf_cli.stages.ppo.adapters import CRITIC
+from rlhf_cli.stages.ppo.build import build_arrangement
+from rlhf_cli.stages.ppo.experience import build_experience
+from rlhf_cli.stages.ppo.optim import ppo_optimizer
+from rlhf_cli.stages.ppo.update import ppo_update
+
+# ------------------------------------------------------------------- where roles start
+
+
+@pytest.mark.parametrize("kind", ARRANGEMENTS)
+def test_roles_start_where_the_design_says(kind, rm_run):
+    recipe = ppo_recipe(kind, rm_run)
+    tokenizer = tokenizer_for(recipe)
+    arrangement = build_arrangement(recipe, tokenizer)
+    assert trainable_groups(arrangement) == TRAINABLE[kind]
+    ro = rollout_of(arrangement, recipe, tokenizer)
+    arrangement.train()  # the role methods must switch dropout off themselves
+    args = (ro.input_ids, ro.attention_mask, ro.prompt_width, ro.tokens)
+
+    # The reference is the base model exactly; the fresh actor LoRA (B = 0) equals it: KL 0.
+    reference = arrangement.reference_logprobs(*args)
+    assert torch.equal(reference, base_logprobs(recipe, ro))
+    arrangement.eval()
+    with torch.no_grad():
+        logp, values, _ = arrangement(*args)
+    assert torch.equal(logp, reference)
+
+    # The reward is the RM's own score (dropout 0.3 in the RM adapter: eval mode matters).
+    arrangement.train()
+    scores = arrangement.reward_scores(ro.input_ids, ro.attention_mask)
+    torch.testing.assert_close(scores, rm_own_scores(rm_run, ro.input_ids, ro.attention_mask),
+                               rtol=0, atol=1e-6)
+    assert scores.std() > 0
+
+    # The critic starts from the RM: V before the first response token = RM(prompt).
+    rm_head = arrangement.reward_head.weight if arrangement.reward_head is not None else None
+    if kind == "1base-1lora":  # the shared adapter is the policy's: only the head comes from the RM
+        assert torch.equal(arrangement.value_head.weight, rm_head.float())
+    else:
+        prompt_only = ro.attention_mask.clone()
+        prompt_only[:, ro.prompt_width:] = 0
+        torch.testing.assert_close(values[:, 0], rm_own_scores(rm_run, ro.input_ids, prompt_only),
+                                   rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ARRANGEMENTS)
+def test_reward_function_runs_start_from_the_policy_base(kind, rlhf_home):
+    recipe = ppo_recipe(kind, None)
+    tokenizer = tokenizer_for(recipe)
+    arrangement = build_arrangement(recipe, tokenizer)
+    assert trainable_groups(arrangement) == TRAINABLE[kind]
+    assert torch.count_nonzero(arrangement.value_head.weight) == 0
+    ro = rollout_of(arrangement, recipe, tokenizer)
+    args = (ro.input_ids, ro.attention_mask, ro.prompt_width, ro.tokens)
+    reference = arrangement.reference_logprobs(*args)
+    arrangement.eval()
+    with torch.no_grad():
+        logp, values, _ = arrangement(*args)
+    assert torch.equal(logp, reference) and torch.equal(reference, base_logprobs(recipe, ro))
+    assert torch.count_nonzero(values) == 0
+    with pytest.raises(UserError, match="no reward model"):
+        arrangement.reward_scores(ro.input_ids, ro.attention_mask)
+
+
+# ------------------------------------------------------------- what an update may change
+
+
+@pytest.mark.parametrize("kind", ARRANGEMENTS)
+def test_update_trains_actor_and_critic_only(kind, rm_run):
+    recipe = ppo_recipe(kind, rm_run)
+    tokenizer = tokenizer_for(recipe)
+    arrangement = build_arrangement(recipe, tokenizer)
+    before_flags = flags(arrangement)
+    before = {n: p.detach().clone() for n, p in arrangement.named_parameters()}
+    ro = rollout_of(arrangement, recipe, tokenizer)
+    args = (ro.input_ids, ro.attention_mask, ro.prompt_width, ro.tokens)
+    scores = arrangement.reward_scores(ro.input_ids, ro.attention_mask)
+    reference = arrangement.reference_logprobs(*args)
+
+    optimizer = ppo_optimizer(arrangement, recipe)
+    backend = OneProcess(arrangement, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    for iteration in range(2):  # the second one sees non-zero LoRA B, so every LoRA A moves too
+        experience = build_experience(arrangement, ro, scores, recipe.ppo, 0.05, backend, None)
+        ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=1.0,
+                   train_actor=True, seed=iteration)
+
+    assert flags(arrangement) == before_flags  # nothing frozen or unfrozen on the way
+    changed = {n for n, p in arrangement.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, flag in before_flags.items() if flag}
+    assert changed == trainable
+    # The reward and the reference do not move; the actor and the critic do.
+    assert torch.equal(arrangement.reward_scores(ro.input_ids, ro.attention_mask), scores)
+    torch.testing.assert_close(scores, rm_own_scores(rm_run, ro.input_ids, ro.attention_mask),
+                               rtol=0, atol=1e-6)
+    assert torch.equal(arrangement.reference_logprobs(*args), reference)
+    new_experience = build_experience(arrangement, ro, scores, recipe.ppo, 0.05, backend, None)
+    assert new_experience.kl_per_response.abs().sum() > 0
+    assert not torch.equal(new_experience.old_values, experience.old_values)
+
+
+# ------------------------------------------------------------ critic-free estimators
+
+
+@pytest.mark.parametrize("kind", ["1base-1lora", "2base-2lora", "separate"])
+def test_critic_free_arrangements_train_the_actor_alone(kind, rm_run):
+    recipe = ppo_recipe(kind, rm_run, "ppo.advantage=grpo", "ppo.samples_per_prompt=2")
+    tokenizer = tokenizer_for(recipe)
+    arrangement = build_arrangement(recipe, tokenizer)
+    # No value head, no critic adapter or model, one optimizer group.
+    assert trainable_groups(arrangement) == {"actor/default"}
+    assert arrangement.value_head is None and not arrangement.has_critic
+    names = [name for name, _ in arrangement.named_parameters()]
+    assert not any(f".{CRITIC}." in n or n.startswith(("critic.", "value_head")) for n in names)
+    optimizer = ppo_optimizer(arrangement, recipe)
+    assert len(optimizer.param_groups) == 1
+
+    ro = rollout_of(arrangement, recipe, tokenizer)
+    args = (ro.input_ids, ro.attention_mask, ro.prompt_width, ro.tokens)
+    reference = arrangement.reference_logprobs(*args)
+    assert torch.equal(reference, base_logprobs(recipe, ro))
+    arrangement.eval()
+    with torch.no_grad():
+        logp, values, _ = arrangement(*args)
+    assert torch.equal(logp, reference) and values is None
+    scores = arrangement.reward_scores(ro.input_ids, ro.attention_mask)
+    torch.testing.assert_close(scores, rm_own_scores(rm_run, ro.input_ids, ro.attention_mask),
+                               rtol=0, atol=1e-6)
+
+    before = {n: p.detach().clone() for n, p in arrangement.named_parameters()}
+    backend = OneProcess(arrangement, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    experience = build_experience(arrangement, ro, scores, recipe.ppo, 0.05, backend, None)
+    assert experience.old_values is None and experience.advantages.abs().sum() > 0
+    stats = ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=1.0,
+                       train_actor=True, seed=0)
+    # Metrics say nothing about a critic that does not exist.
+    assert not {"value_loss", "vf_clip_frac", "explained_variance"} & stats.keys()
+    assert stats["loss"] == stats["policy_loss"]
+    changed = {n for n, p in arrangement.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("actor.") and ".default." in n for n in changed)
+    assert torch.equal(arrangement.reward_scores(ro.input_ids, ro.attention_mask), scores)
+    assert torch.equal(arrangement.reference_logprobs(*args), reference)
+
+
+@pytest.mark.parametrize("kind", ["1base-1lora", "separate"])
+def test_critic_free_with_a_reward_function(kind, rlhf_home):
+    recipe = ppo_recipe(kind, None, "ppo.advantage=rloo", "ppo.samples_per_prompt=2")
+    arrangement = build_arrangement(recipe, tokenizer_for(recipe))
+    assert trainable_groups(arrangement) == {"actor/default"} and arrangement.value_head is None
+
+
+@pytest.mark.parametrize("overrides, text", [
+    (["ppo.advantage=grpo"], "ppo.samples_per_prompt: grpo compares several samples"),
+    (["ppo.advantage=rloo", "ppo.samples_per_prompt=1"], "rloo compares several samples"),
+    (["ppo.advantage=grpo", "ppo.samples_per_prompt=2", "ppo.arrangement=1base-2lora"],
+     "1base-2lora's second adapter is the critic"),
+    (["ppo.advantage=reinforce_pp", "ppo.arrangement=2base-2lora"], "second base would hold nothing"),
+    (["ppo.advantage=reinforce_pp", "ppo.critic_warmup_steps=2"], "trains no critic to warm up"),
+    (["ppo.advantage=a2c"], "is not one of gae, grpo, rloo, reinforce_pp"),
+    (["ppo.ptx_coef=0.1"], "set `ppo.ptx_data`"),
+    (["ppo.ptx_coef=-0.1"], "must be >= 0"),
+    (["ppo.ema_decay=1"], "must be below 1"),
+    (["ppo.ema_decay=0"], "must be > 0"),
+])
+def test_option_combinations_that_make_no_sense_are_refused(overrides, text):
+    with pytest.raises(UserError, match=text):
+        load_recipe(RECIPE, overrides)
+
+
+def test_critic_free_2base_and_separate_with_a_reward_model_are_accepted(rm_run):
+    for kind in ("2base-2lora", "separate"):
+        recipe = ppo_recipe(kind, rm_run, "ppo.advantage=reinforce_pp")
+        assert recipe.ppo.arrangement == kind
+
