@@ -145,6 +145,27 @@ def test_rm_from_another_base_is_a_user_error(work, rm_run):
 
 
 @pytest.mark.slow
+def test_separate_scores_with_a_merged_rm_as_with_its_adapter(work, rm_run):
+    """`rlhf merge-lora` of an RM run is a full sequence classifier: `separate` takes it as
+    `ppo.reward_model` and scores the first rollout as the adapter does; the one-base
+    arrangements, which keep the RM as an adapter on the policy's base, refuse it."""
+    merged = work / "rm-merged"
+    if not merged.exists():
+        proc = rlhf("merge-lora", str(rm_run), "--out", str(merged), cwd=work)
+        assert proc.returncode == 0, proc.stderr
+    first = {}
+    for name, rm in (("adapter", rm_run), ("merged", merged)):
+        proc = rlhf("ppo", "--recipe", recipe("separate"), *FAST, "-o", f"sep-rm-{name}",
+                    "--set", "ppo.reward_fn=null", "--set", f"ppo.reward_model={rm}", cwd=work)
+        first[name] = assert_ppo_run(work / f"sep-rm-{name}", proc)[0]
+    assert first["merged"]["response_length"] == first["adapter"]["response_length"]  # same rollout
+    assert first["merged"]["score"] == pytest.approx(first["adapter"]["score"], rel=1e-4, abs=1e-5)
+    proc = rlhf("ppo", "--recipe", recipe("1base-1lora"), *FAST, "-o", "merged-1base",
+                "--set", "ppo.reward_fn=null", "--set", f"ppo.reward_model={merged}", cwd=work)
+    assert_user_error(proc, "is a full reward model")
+
+
+@pytest.mark.slow
 def test_every_prompt_too_long_is_a_user_error(work):
     proc = rlhf("ppo", "--recipe", recipe("1base-1lora"), *FAST, "-o", "bad-long",
                 "--set", "data.max_prompt_length=6", cwd=work)

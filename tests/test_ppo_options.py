@@ -296,20 +296,20 @@ def test_ptx_data_path_is_stored_absolute(tmp_path, monkeypatch):
     assert recipe.ppo.ptx_data == str(data) and Path(recipe.ppo.ptx_data).is_absolute()
 
 
-def test_each_rank_samples_from_its_own_stream():
-    from rlhf_cli.stages.ppo.run import separate_sampling_streams
+def test_each_rank_samples_from_its_own_stream_whatever_was_built_before():
+    from rlhf_cli.stages.ppo.run import seed_sampling_stream
 
-    def draws_after(rank: int) -> torch.Tensor:
+    def draws_after(rank: int, built_draws: int = 0) -> torch.Tensor:
         torch.manual_seed(7)  # what the worker does on every rank
-        separate_sampling_streams(7, rank)
+        torch.rand(built_draws)  # what building the models drew
+        seed_sampling_stream(7, rank)
         return torch.rand(4)
 
-    torch.manual_seed(7)
-    untouched = torch.rand(4)
-    assert torch.equal(draws_after(0), untouched)  # one process: unchanged
-    assert not torch.equal(draws_after(1), untouched)
+    assert torch.equal(draws_after(0), draws_after(0, built_draws=1000))
+    assert not torch.equal(draws_after(0), draws_after(1))
     assert not torch.equal(draws_after(1), draws_after(2))
-    assert torch.equal(draws_after(1), draws_after(1))  # still a function of the seed
+    torch.manual_seed(7)
+    assert not torch.equal(draws_after(0), torch.rand(4))  # not the stream that drew the weights
 
 
 # ------------------------------------------------------------------- micro-batches

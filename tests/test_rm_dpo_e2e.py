@@ -130,6 +130,8 @@ def test_merged_rm_loads_in_transformers_and_eval_agrees(rm_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     config = json.loads((merged / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"]
+    # PPO normalises the RM's scores with these, merged or not.
+    assert (merged / "reward_stats.json").read_text() == (run / "final" / "reward_stats.json").read_text()
     expected = plain_transformers_accuracy(merged, builtin_rows(EVAL_DATA, "preference"))
 
     for name, model in (("adapter", run), ("merged", merged)):

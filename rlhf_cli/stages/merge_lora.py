@@ -18,6 +18,9 @@ from ..errors import UserError
 
 # Merging changes the order of floating-point operations; fp32 stays well inside this.
 LOGITS_ATOL = 1e-3
+# Files that describe the model's outputs rather than its weights, kept beside the merged
+# weights: PPO normalises an RM's scores with reward_stats.json, adapter or merged.
+CARRIED_FILES = ("reward_stats.json",)
 
 
 def find_adapter_dir(source: str) -> Path:
@@ -107,6 +110,9 @@ def merge_lora(source: str, out: Path, *, overwrite: bool = False) -> Path:
     merged.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
+    for name in CARRIED_FILES:
+        if (adapter_dir / name).is_file():
+            shutil.copy2(adapter_dir / name, tmp / name)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     console.print(f"merged {adapter_dir} into {base_name} -> {out} "

@@ -46,6 +46,8 @@ from .update import ppo_update
 
 SAMPLES = "samples.jsonl"
 GROUP_ESTIMATORS = ("grpo", "rloo")
+# Not the run's seed itself: that one already drew the initial weights.
+SAMPLING_SEED_OFFSET = 1
 
 
 def _reward_stats(recipe: Recipe) -> dict | None:
@@ -57,15 +59,16 @@ def _reward_stats(recipe: Recipe) -> dict | None:
     return None
 
 
-def separate_sampling_streams(seed: int, rank: int) -> None:
-    """Give each process its own random stream for sampling rollouts.
+def seed_sampling_stream(seed: int, rank: int) -> None:
+    """Seed the random stream the rollouts are sampled from, once the models are built.
 
-    The worker seeds every rank alike so that the weights start identical; rollouts drawn
-    from identical streams would be correlated across ranks. Rank 0 keeps its stream, so a
-    one-process run is unchanged; a checkpoint keeps each rank's state (rng-rank{N}.pt).
+    Building draws from the global generator as much as the arrangement and the reward
+    source need (fresh LoRA weights, a critic's head), so seeding after it makes one seed
+    sample the same rollouts whatever was built. Each process gets a stream of its own:
+    identical streams would sample correlated rollouts on every rank. A checkpoint keeps
+    each rank's state (rng-rank{N}.pt), restored after this on --resume.
     """
-    if rank:
-        torch.manual_seed(seed + 1_000_003 * rank)
+    torch.manual_seed(seed + SAMPLING_SEED_OFFSET + 1_000_003 * rank)
 
 
 class PPORun:
@@ -86,7 +89,7 @@ class PPORun:
         arrangement = build_arrangement(recipe, self.tokenizer)
         self.wrapped = backend.prepare(arrangement, ppo_optimizer(arrangement, recipe))
         self.model = backend.unwrap(self.wrapped)
-        separate_sampling_streams(self.train.seed, backend.rank)
+        seed_sampling_stream(self.train.seed, backend.rank)
         self.ema = ActorEMA(self.model, self.ppo.ema_decay) if self.ppo.ema_decay else None
         # rollout_batch_size prompts per process, each sampled samples_per_prompt times.
         self.batches = GlobalBatches(len(self.prompts), self.ppo.rollout_batch_size, 1,
