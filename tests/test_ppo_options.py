@@ -305,11 +305,12 @@ def test_each_rank_samples_from_its_own_stream_whatever_was_built_before():
         seed_sampling_stream(7, rank)
         return torch.rand(4)
 
+    torch.manual_seed(7)
+    weights_stream = torch.rand(4)  # the stream that drew the initial weights
     assert torch.equal(draws_after(0), draws_after(0, built_draws=1000))
     assert not torch.equal(draws_after(0), draws_after(1))
     assert not torch.equal(draws_after(1), draws_after(2))
-    torch.manual_seed(7)
-    assert not torch.equal(draws_after(0), torch.rand(4))  # not the stream that drew the weights
+    assert not torch.equal(draws_after(0), weights_stream)
 
 
 # ------------------------------------------------------------------- micro-batches
