@@ -35,6 +35,19 @@ from rlhf_cli.stages.ppo.update import ppo_update
 # ------------------------------------------------------------------- where roles start
 
 
+def assert_actor_starts_at_the_base(arrangement, recipe, ro):
+    """The reference is the base model exactly, and the fresh actor LoRA (B = 0) equals it:
+    KL 0. Returns the role inputs, the reference log-probs and the actor forward's values."""
+    args = (ro.input_ids, ro.attention_mask, ro.prompt_width, ro.tokens)
+    reference = arrangement.reference_logprobs(*args)
+    assert torch.equal(reference, base_logprobs(recipe, ro))
+    arrangement.eval()
+    with torch.no_grad():
+        logp, values, _ = arrangement(*args)
+    assert torch.equal(logp, reference)
+    return args, reference, values
+
+
 @pytest.mark.parametrize("kind", ARRANGEMENTS)
 def test_roles_start_where_the_design_says(kind, rm_run):
     recipe = ppo_recipe(kind, rm_run)
@@ -43,15 +56,7 @@ def test_roles_start_where_the_design_says(kind, rm_run):
     assert trainable_groups(arrangement) == TRAINABLE[kind]
     ro = rollout_of(arrangement, recipe, tokenizer)
     arrangement.train()  # the role methods must switch dropout off themselves
-    args = (ro.input_ids, ro.attention_mask, ro.prompt_width, ro.tokens)
-
-    # The reference is the base model exactly; the fresh actor LoRA (B = 0) equals it: KL 0.
-    reference = arrangement.reference_logprobs(*args)
-    assert torch.equal(reference, base_logprobs(recipe, ro))
-    arrangement.eval()
-    with torch.no_grad():
-        logp, values, _ = arrangement(*args)
-    assert torch.equal(logp, reference)
+    _, _, values = assert_actor_starts_at_the_base(arrangement, recipe, ro)
 
     # The reward is the RM's own score (dropout 0.3 in the RM adapter: eval mode matters).
     arrangement.train()
@@ -79,12 +84,7 @@ def test_reward_function_runs_start_from_the_policy_base(kind, rlhf_home):
     assert trainable_groups(arrangement) == TRAINABLE[kind]
     assert torch.count_nonzero(arrangement.value_head.weight) == 0
     ro = rollout_of(arrangement, recipe, tokenizer)
-    args = (ro.input_ids, ro.attention_mask, ro.prompt_width, ro.tokens)
-    reference = arrangement.reference_logprobs(*args)
-    arrangement.eval()
-    with torch.no_grad():
-        logp, values, _ = arrangement(*args)
-    assert torch.equal(logp, reference) and torch.equal(reference, base_logprobs(recipe, ro))
+    _, _, values = assert_actor_starts_at_the_base(arrangement, recipe, ro)
     assert torch.count_nonzero(values) == 0
     with pytest.raises(UserError, match="no reward model"):
         arrangement.reward_scores(ro.input_ids, ro.attention_mask)
@@ -144,13 +144,8 @@ def test_critic_free_arrangements_train_the_actor_alone(kind, rm_run):
     assert len(optimizer.param_groups) == 1
 
     ro = rollout_of(arrangement, recipe, tokenizer)
-    args = (ro.input_ids, ro.attention_mask, ro.prompt_width, ro.tokens)
-    reference = arrangement.reference_logprobs(*args)
-    assert torch.equal(reference, base_logprobs(recipe, ro))
-    arrangement.eval()
-    with torch.no_grad():
-        logp, values, _ = arrangement(*args)
-    assert torch.equal(logp, reference) and values is None
+    args, reference, values = assert_actor_starts_at_the_base(arrangement, recipe, ro)
+    assert values is None
     scores = arrangement.reward_scores(ro.input_ids, ro.attention_mask)
     torch.testing.assert_close(scores, rm_own_scores(rm_run, ro.input_ids, ro.attention_mask),
                                rtol=0, atol=1e-6)
