@@ -72,6 +72,9 @@ class TrainSection:
     eval_every: int | None = None
     keep_checkpoints: int = 2
     max_grad_norm: float = 1.0
+    # Dropout at 0 while training (modules, LoRA's, the config's); null: by stage, off for rm,
+    # dpo and ppo (their losses compare forwards of one model), kept for sft.
+    disable_dropout: bool | None = None
     # Steps with a NaN/inf loss or gradient are skipped; this many in a row stop the run.
     max_bad_steps: int = 3
     weight_decay: float = 0.0

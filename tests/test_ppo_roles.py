@@ -50,7 +50,8 @@ def assert_actor_starts_at_the_base(arrangement, recipe, ro):
 
 @pytest.mark.parametrize("kind", ARRANGEMENTS)
 def test_roles_start_where_the_design_says(kind, rm_run):
-    recipe = ppo_recipe(kind, rm_run)
+    # Dropout kept (the RM adapter's 0.3): the role methods' own eval mode must be what removes it.
+    recipe = ppo_recipe(kind, rm_run, "train.disable_dropout=false")
     tokenizer = tokenizer_for(recipe)
     arrangement = build_arrangement(recipe, tokenizer)
     assert trainable_groups(arrangement) == TRAINABLE[kind]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.progress import console
+from ..models.dropout import apply_dropout_setting
 from ..models.loading import (
     add_lora,
     count_parameters,
@@ -22,10 +23,12 @@ def tokenizer_for(recipe: Recipe):
 
 
 def policy_model(recipe: Recipe, announce: bool = True):
-    """The base causal LM, with a fresh LoRA adapter unless `model.lora` is null."""
+    """The base causal LM, with a fresh LoRA adapter unless `model.lora` is null, and dropout
+    as `train.disable_dropout` says for the recipe's stage."""
     model = load_causal_lm(recipe.model)
     if recipe.model.lora is not None:
         model = add_lora(model, recipe.model.lora)
+    apply_dropout_setting(model, recipe, announce)
     if announce:
         trainable, total = count_parameters(model)
         console.print(f"model: {recipe.model.base}  trainable {trainable:,} / {total:,} "

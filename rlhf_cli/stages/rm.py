@@ -24,6 +24,7 @@ from ..data.sources import load_source
 from ..engine.loop import StageTask, Trainer
 from ..engine.plots import plot_run
 from ..engine.run_dir import FINAL
+from ..models.dropout import apply_dropout_setting
 from ..models.lm_forward import inner_causal_lm, shifted_targets, token_logprobs
 from ..models.loading import add_lora, count_parameters, resolve_base
 from ..models.reward import base_lm_head, decoder_states, load_sequence_classifier, scores_from_states
@@ -113,6 +114,7 @@ def reward_model(recipe: Recipe, tokenizer, announce: bool):
     if recipe.model.lora is not None:
         # peft keeps the `score` head trainable and saves it with the adapter (SEQ_CLS).
         model = add_lora(model, recipe.model.lora, task_type="SEQ_CLS")
+    apply_dropout_setting(model, recipe, announce)
     if announce:
         trainable, total = count_parameters(model)
         say_text = f"reward model: {recipe.model.base}  trainable {trainable:,} / {total:,}"

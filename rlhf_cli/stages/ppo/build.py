@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ...errors import UserError
+from ...models.dropout import apply_dropout_setting
 from ...models.loading import (
     add_lora,
     enable_gradient_checkpointing,
@@ -42,7 +43,7 @@ from .heads import linear_head_from, zero_head
 from .roles import Arrangement, OneBaseOneLora, OneBaseTwoLora, Separate, TwoBase
 
 
-def build_arrangement(recipe: Recipe, tokenizer=None) -> Arrangement:
+def build_arrangement(recipe: Recipe, tokenizer=None, announce: bool = False) -> Arrangement:
     """The arrangement named by `ppo.arrangement`; `tokenizer` (the policy's) lets a
     two-base arrangement check that the RM reads the same token ids."""
     if recipe.model.lora is None:
@@ -62,6 +63,9 @@ def build_arrangement(recipe: Recipe, tokenizer=None) -> Arrangement:
         arrangement = _separate(recipe, actor, rm_dir, rm_kind, critic)
     # Log-probs at the temperature the rollouts are sampled with (π/T), for every role.
     arrangement.temperature = recipe.ppo.temperature
+    # Every role at once, once all adapters are in: old log-probs and values come from eval
+    # mode, so dropout in the update's forward would move the first ratio away from 1.
+    apply_dropout_setting(arrangement, recipe, announce)
     return arrangement
 
 

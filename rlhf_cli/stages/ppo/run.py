@@ -86,7 +86,7 @@ class PPORun:
         if self.ppo.normalize_reward and self.reward_fn is None and self.reward_stats is None:
             say(backend, "ppo.normalize_reward: the reward model has no reward_stats.json; "
                          "scores are used as they are")
-        arrangement = build_arrangement(recipe, self.tokenizer)
+        arrangement = build_arrangement(recipe, self.tokenizer, announce=backend.is_main)
         self.wrapped = backend.prepare(arrangement, ppo_optimizer(arrangement, recipe))
         self.model = backend.unwrap(self.wrapped)
         seed_sampling_stream(self.train.seed, backend.rank)
