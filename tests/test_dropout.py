@@ -83,16 +83,21 @@ def test_the_default_depends_on_the_stage_and_the_key_wins():
 # ---------------------------------------------------- every kind of dropout, by family
 
 
-def _family_models():
-    """Tiny models whose dropout comes in each form: nn.Dropout (GPT-2, GPT-NeoX, Phi), floats on
-    the modules passed to F.dropout / attention (LLaMA, OPT with layerdrop, BLOOM) and the
-    config read during the forward (Falcon)."""
+FAMILIES = ("bloom", "falcon", "gpt2", "gpt_neox", "llama", "opt", "phi")
+
+
+def _family_config(family: str):
+    """Tiny configs whose dropout comes in each form: nn.Dropout modules (GPT-2; Phi's and
+    GPT-NeoX's residual dropout), floats kept on the modules for F.dropout or the attention
+    (`attention_dropout` of LLaMA, Phi and GPT-NeoX; OPT's `dropout` and `layerdrop`; BLOOM's
+    `hidden_dropout`) and the config read during the forward (Falcon). Only GPT-2 has its
+    dropout off after setting p = 0 on nn.Dropout modules alone."""
     import transformers as tf
 
     small = {"vocab_size": 64, "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2}
-    return {
+    configs = {
         "gpt2": tf.GPT2Config(vocab_size=64, n_embd=32, n_head=4, n_layer=2, attn_pdrop=DROP,
-                              resid_pdrop=DROP, embd_pdrop=DROP),
+                              resid_pdrop=DROP, embd_pdrop=DROP, bos_token_id=1, eos_token_id=2),
         "llama": tf.LlamaConfig(**small, intermediate_size=64, attention_dropout=DROP),
         "opt": tf.OPTConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
                             ffn_dim=64, word_embed_proj_dim=32, dropout=DROP, attention_dropout=DROP,
@@ -105,15 +110,16 @@ def _family_models():
         "gpt_neox": tf.GPTNeoXConfig(**small, intermediate_size=64, hidden_dropout=DROP,
                                      attention_dropout=DROP),
     }
+    return configs[family]
 
 
-@pytest.mark.parametrize("family", sorted(_family_models()))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_disable_dropout_makes_the_training_forward_the_eval_forward(family):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_family_models()[family], attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(_family_config(family), attn_implementation="eager")
     model = get_peft_model(model, LoraConfig(r=4, lora_dropout=DROP, target_modules="all-linear"))
     randomize_lora_b(model)
     ids = torch.randint(0, 64, (2, 12))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import re
 
 import torch
-from transformers import PretrainedConfig
 
 # Names of float attributes (on modules and configs) that are drop probabilities.
 _DROP_NAME = re.compile(r"dropout|pdrop|layerdrop", re.IGNORECASE)
@@ -46,6 +45,8 @@ def _zero_drop_floats(obj) -> int:
 
 def _zero_config(config, seen: set[int]) -> int:
     """The config's drop probabilities and those of its sub-configs (e.g. `text_config`)."""
+    from transformers import PretrainedConfig
+
     if id(config) in seen:
         return 0
     seen.add(id(config))
@@ -58,6 +59,8 @@ def _zero_config(config, seen: set[int]) -> int:
 
 def disable_dropout(model: torch.nn.Module) -> int:
     """Every dropout in `model` to 0 (modules, module floats, configs); how many were > 0."""
+    from transformers import PretrainedConfig
+
     count, seen_configs = 0, set()
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
