@@ -205,6 +205,14 @@ def test_dpo_first_loss_is_log_2(gpt2_base, in_process):
     assert first_loss(in_process, str(gpt2_base)) == pytest.approx(math.log(2), abs=1e-7)
 
 
+def test_full_fine_tuning_dpo_starts_at_log_2_and_saves_dropout_0(gpt2_base, in_process):
+    # Without LoRA the reference is a frozen copy of the policy, made after dropout was set to 0.
+    run = dpo_run(in_process, "run", str(gpt2_base), "model.lora=null", "train.lr=1e-5")
+    assert train_rows(run)[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert (config["attn_pdrop"], config["resid_pdrop"], config["embd_pdrop"]) == (0.0, 0.0, 0.0)
+
+
 def test_kto_first_loss_is_one_half(gpt2_base, in_process):
     # r = 0 and z = 0 at the start: every example's loss is λ(1 − σ(0)) = 0.5.
     loss = first_loss(in_process, str(gpt2_base), "dpo.loss_type=kto")
