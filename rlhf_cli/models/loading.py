@@ -8,6 +8,7 @@ import torch
 
 from ..errors import UserError
 from ..schema import LoraSection, ModelSection
+from .remote_code import check_trust
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -77,6 +78,7 @@ def load_causal_lm(section: ModelSection, source: str | None = None):
     from transformers import AutoModelForCausalLM
 
     source = source or resolve_base(section.base)
+    check_trust(source, section.trust_remote_code)  # before transformers prompts on the terminal
     kwargs = {"dtype": torch_dtype(section.dtype), "trust_remote_code": section.trust_remote_code}
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation

@@ -156,14 +156,11 @@ def _two_base(recipe: Recipe, actor, rm_dir, critic: bool) -> Arrangement:
 
 
 def _sequence_classifier(recipe: Recipe, source: str):
-    from transformers import AutoModelForSequenceClassification
-
     from ...models.loading import torch_dtype
+    from ...models.reward import sequence_classifier
 
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, dtype=torch_dtype(recipe.model.dtype),
-            trust_remote_code=recipe.model.trust_remote_code)
+        return sequence_classifier(source, torch_dtype(recipe.model.dtype), recipe.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the reward model {source}: {str(exc).splitlines()[0]}",
                         where=WHERE) from None
