@@ -90,24 +90,24 @@ def has_sequence_classifier(config) -> bool:
             or "AutoModelForSequenceClassification" in auto_map)
 
 
-def sequence_classifier(source: str, dtype: torch.dtype, trust_remote_code: bool):
+def sequence_classifier(source: str, dtype: torch.dtype | None, trust_remote_code: bool):
     """`source` as a one-label sequence classifier: transformers' class when there is one,
     otherwise (remote code such as Baichuan 2) the causal LM's body with a fresh `score` head.
 
     Every reward-model load goes through here (training, PPO, eval), so an adapter saved on
-    one loads on the other. May raise OSError/ValueError as `from_pretrained` does.
+    one loads on the other. `dtype` None keeps transformers' default. May raise
+    OSError/ValueError as `from_pretrained` does.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     check_trust(source, trust_remote_code)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    kwargs = {"trust_remote_code": trust_remote_code, **({"dtype": dtype} if dtype is not None else {})}
     if not has_sequence_classifier(config) and trust_remote_code:
         from .scored_lm import ScoredCausalLM
 
-        lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=True)
-        return ScoredCausalLM(lm)
-    return AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
+        return ScoredCausalLM(AutoModelForCausalLM.from_pretrained(source, **kwargs))
+    return AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **kwargs)
 
 
 def load_sequence_classifier(section: ModelSection, source: str, pad_token_id: int):
