@@ -130,6 +130,19 @@ def test_an_rm_base_named_by_an_adapter_is_checked_too(baichuan):
         load_causal_lm(recipe.model, source=str(baichuan))
 
 
+def test_transformers_own_refusal_names_the_key_too(baichuan, monkeypatch):
+    """Where our check cannot read the config (a hub model not cached yet), transformers refuses
+    while loading; that refusal is the same one-line error."""
+    from rlhf_cli.errors import UserError
+    from rlhf_cli.models import loading
+
+    monkeypatch.setattr(loading, "check_trust", lambda *args, **kwargs: None)
+    recipe = _recipe("tiny-sft.yaml", baichuan)
+    with pytest.raises(UserError, match="model.trust_remote_code") as caught:
+        loading.load_causal_lm(recipe.model)
+    assert "\n" not in str(caught.value)
+
+
 def test_sft_step_and_reward_model_on_a_remote_code_base(baichuan, in_process, tmp_path):
     """One SFT step through the CLI, and the RM body: the model's code has no
     sequence-classification class, so the RM is its causal LM's body with our score head."""
@@ -209,7 +222,7 @@ def test_sft_merge_rm_dpo_ppo_chain_on_a_remote_code_model(baichuan, rlhf_home, 
     dpo = _run(tmp_path, "dpo", "tiny-dpo.yaml", *on_merged, "--set", "train.max_steps=2")
     assert train_rows(dpo)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # actor == reference
 
-    for arrangement in ("1base-1lora", "1base-2lora", "separate"):
+    for arrangement in ("1base-1lora", "separate"):  # RM adapter on the causal LM; RM as its own model
         ppo = _run(tmp_path, "ppo", f"tiny-ppo-{arrangement}.yaml", *on_merged, *PPO_QUICK,
                    "--set", f"ppo.reward_model={rm}", name=arrangement)
         rows = [r for r in read_jsonl(ppo / "metrics.jsonl") if r.get("split") != "eval"]

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import UserError
 from ..schema import LoraSection, ModelSection
-from .remote_code import check_trust
+from .remote_code import check_trust, refusal
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -85,7 +85,8 @@ def load_causal_lm(section: ModelSection, source: str | None = None):
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load model {section.base}: {_first_line(exc)}") from None
+        error = refusal(exc, source) or UserError(f"cannot load model {section.base}: {_first_line(exc)}")
+        raise error from None
     if section.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

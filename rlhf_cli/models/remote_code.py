@@ -16,9 +16,25 @@ from ..errors import UserError
 KEY = "model.trust_remote_code"
 
 
-def _local_config(source: str) -> dict | None:
+def _config_file(source: str) -> Path | None:
+    """config.json of a local directory, or of a hub model already in the cache (no network)."""
     path = Path(source).expanduser() / "config.json"
-    if not path.is_file():
+    if path.is_file():
+        return path
+    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(source, "config.json")
+    except ValueError:  # not a valid repository name
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _local_config(source: str) -> dict | None:
+    path = _config_file(source)
+    if path is None:
         return None
     try:
         config = json.loads(path.read_text())
@@ -34,9 +50,9 @@ def _built_into_transformers(model_type) -> bool:
 
 
 def needs_remote_code(source: str) -> bool:
-    """True when the local model directory `source` can only be loaded by running its own code:
-    its config names classes in `auto_map` and its `model_type` is not one transformers knows
-    (with a known type, transformers uses its own classes and ignores the auto_map)."""
+    """True when the model `source` (a directory, or a cached hub name) loads only by running
+    its own code: its config names classes in `auto_map` and its `model_type` is not one
+    transformers knows (with a known type, transformers uses its own classes)."""
     config = _local_config(source)
     if not config or not config.get("auto_map"):
         return False
@@ -58,3 +74,12 @@ def code_files(source: str) -> list[Path]:
     tokenizer code), which a merged model must carry to load again."""
     path = Path(source).expanduser()
     return sorted(path.glob("*.py")) if path.is_dir() else []
+
+
+def refusal(exc: Exception, source: str) -> UserError | None:
+    """transformers' own "contains custom code ... trust_remote_code=True" error as a UserError
+    naming the recipe key (for a source the check above could not read, e.g. not yet cached)."""
+    if "trust_remote_code" not in str(exc):
+        return None
+    return UserError(f"{source} ships its own modelling code; set model.trust_remote_code: true to run "
+                     "it (read that code first: it runs with your permissions)", where=KEY)
