@@ -75,6 +75,7 @@ def test_remote_code_model_loads_and_its_normhead_logits_are_what_every_path_use
     from rlhf_cli.models.lm_forward import position_ids_from, sequence_logprobs
     from rlhf_cli.models.loading import add_lora, load_causal_lm
     from rlhf_cli.stages.common import generate, tokenizer_for
+    from rlhf_cli.stages.ppo.heads import token_logprobs_and_entropy
 
     recipe = _recipe("tiny-sft.yaml", baichuan, "model.trust_remote_code=true")
     lm = load_causal_lm(recipe.model).eval()
@@ -96,6 +97,8 @@ def test_remote_code_model_loads_and_its_normhead_logits_are_what_every_path_use
     logps, _ = sequence_logprobs(lm, ids, mask, labels)
     own = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
     torch.testing.assert_close(logps, (own * mask[:, 1:]).sum(1), atol=1e-4, rtol=0)
+    ppo_logps, _ = token_logprobs_and_entropy(lm, hidden[:, :-1], ids[:, 1:], 1.0, False)  # PPO's path
+    torch.testing.assert_close(ppo_logps[mask[:, 1:].bool()], own[mask[:, 1:].bool()], atol=1e-4, rtol=0)
     # generate() with a KV cache on left-padded prompts: what each prompt alone gives, step by step.
     tokenizer = tokenizer_for(recipe)
     sampled = generate(lm, rows, tokenizer, max_new_tokens=5)
