@@ -101,14 +101,17 @@ def load_for_eval(source: str, reference: str | None = None) -> LoadedModel:
             return LoadedModel("reward_model", model, tokenizer)
         body = _load(AutoModelForCausalLM, base, trust_remote_code=trust)
         return LoadedModel("policy", PeftModel.from_pretrained(body, str(path)).eval(), tokenizer)
-    config = _load(AutoConfig, str(path))
+    # trust_remote_code is passed even when False: transformers then refuses at once instead of
+    # asking on the terminal.
+    config = _load(AutoConfig, str(path), trust_remote_code=trust)
     if _is_classifier(config):
-        model = _load(AutoModelForSequenceClassification, str(path), num_labels=1).eval()
+        model = _load(AutoModelForSequenceClassification, str(path), num_labels=1,
+                      trust_remote_code=trust).eval()
         return LoadedModel("reward_model", model, tokenizer)
-    model = _load(AutoModelForCausalLM, str(path)).eval()
+    model = _load(AutoModelForCausalLM, str(path), trust_remote_code=trust).eval()
     reference = reference or _run_base(source)
     if reference is None:
         raise UserError("a full policy model needs a reference to compare with: pass --reference "
                         "(the model it was trained from)", where="--reference")
-    ref_model = _load(AutoModelForCausalLM, resolve_base(reference)).eval()
+    ref_model = _load(AutoModelForCausalLM, resolve_base(reference), trust_remote_code=trust).eval()
     return LoadedModel("policy", model, tokenizer, reference=ref_model)
