@@ -70,10 +70,12 @@ def check_trust(source: str, trust_remote_code: bool, what: str = "model.base") 
 
 
 def code_files(source: str) -> list[Path]:
-    """The Python files of a local model directory (its modelling, configuration and
-    tokenizer code), which a merged model must carry to load again."""
+    """The Python files of a local model directory whose config has an `auto_map` (its
+    modelling, configuration and tokenizer code), which a merged model must carry to load
+    again; none for a model without code of its own."""
     path = Path(source).expanduser()
-    return sorted(path.glob("*.py")) if path.is_dir() else []
+    config = _local_config(source) if path.is_dir() else None
+    return sorted(path.glob("*.py")) if config and config.get("auto_map") else []
 
 
 def refusal(exc: Exception, source: str) -> UserError | None:
