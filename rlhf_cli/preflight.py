@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .models.remote_code import check_trust
 from .schema import Recipe
 
 
@@ -67,10 +68,18 @@ def _check_reward_model(spec: str, key: str = "ppo.reward_model") -> None:
                     "(an unfinished `rlhf rm` run?)", where=key)
 
 
+def _check_remote_code(spec: str, trust_remote_code: bool) -> None:
+    """A base that ships its own code needs `model.trust_remote_code` (a run directory's
+    model is in its final/)."""
+    path = Path(spec).expanduser()
+    check_trust(str(path / "final" if (path / "final").is_dir() else path), trust_remote_code)
+
+
 def preflight(recipe: Recipe) -> None:
     _check_data(recipe.data.train, "data.train")
     _check_data(recipe.data.eval, "data.eval")
     _check_model(recipe.model.base, "model.base")
+    _check_remote_code(recipe.model.base, recipe.model.trust_remote_code)
     if recipe.model.tokenizer:
         _check_model(recipe.model.tokenizer, "model.tokenizer")
     if recipe.launch.deepspeed and importlib.util.find_spec("deepspeed") is None:

@@ -8,6 +8,7 @@ from ..errors import UserError
 from ..schema import ModelSection
 from .lm_forward import decoder_of, inner_causal_lm, position_ids_from
 from .loading import torch_dtype
+from .remote_code import check_trust
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -54,6 +55,10 @@ def base_lm_head(source: str, lm) -> torch.Tensor:
     Tied models reuse the input embedding; otherwise `lm_head.weight` is read from the
     base's safetensors files, without loading a second model.
     """
+    if getattr(lm, "lm_head_is_linear", True) is False:  # e.g. Baichuan 2's NormHead
+        raise UserError(f"rm.lm_loss_weight needs the base's LM head as a plain linear layer; {source}'s "
+                        "own code computes its logits otherwise: set rm.lm_loss_weight to 0",
+                        where="rm.lm_loss_weight")
     if getattr(lm.config, "tie_word_embeddings", False):
         return lm.get_input_embeddings().weight.detach()
     from safetensors import safe_open
@@ -75,15 +80,40 @@ def base_lm_head(source: str, lm) -> torch.Tensor:
                     "set rm.lm_loss_weight to 0", where="rm.lm_loss_weight")
 
 
-def load_sequence_classifier(section: ModelSection, source: str, pad_token_id: int):
-    """The base as `AutoModelForSequenceClassification` with one label (a fresh head)."""
-    from transformers import AutoModelForSequenceClassification
+def has_sequence_classifier(config) -> bool:
+    """Whether transformers (or the model's own code, through its auto_map) has a
+    *ForSequenceClassification class for this config."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
+    auto_map = getattr(config, "auto_map", None) or {}
+    return (config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+            or "AutoModelForSequenceClassification" in auto_map)
+
+
+def sequence_classifier(source: str, dtype: torch.dtype | None, trust_remote_code: bool):
+    """`source` as a one-label sequence classifier: transformers' class when there is one,
+    otherwise (remote code such as Baichuan 2) the causal LM's body with a fresh `score` head.
+
+    Every reward-model load goes through here (training, PPO, eval), so an adapter saved on
+    one loads on the other. `dtype` None keeps transformers' default. May raise
+    OSError/ValueError as `from_pretrained` does.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    check_trust(source, trust_remote_code)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    kwargs = {"trust_remote_code": trust_remote_code, **({"dtype": dtype} if dtype is not None else {})}
+    if not has_sequence_classifier(config) and trust_remote_code:
+        from .scored_lm import ScoredCausalLM
+
+        return ScoredCausalLM(AutoModelForCausalLM.from_pretrained(source, **kwargs))
+    return AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **kwargs)
+
+
+def load_sequence_classifier(section: ModelSection, source: str, pad_token_id: int):
+    """The base as a sequence classifier with one label (a fresh head)."""
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, dtype=torch_dtype(section.dtype),
-            trust_remote_code=section.trust_remote_code,
-        )
+        model = sequence_classifier(source, torch_dtype(section.dtype), section.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load {section.base} as a reward model: {str(exc).splitlines()[0]}") from None
     # Saved with the model so that plain transformers batches score the right token.

@@ -13,7 +13,7 @@ from ..engine.run_dir import FINAL, RECIPE
 from ..errors import UserError
 from ..models.lm_forward import sequence_logprobs
 from ..models.loading import load_tokenizer, resolve_base
-from ..models.reward import score_sequences
+from ..models.reward import score_sequences, sequence_classifier
 
 
 @dataclass
@@ -65,8 +65,16 @@ def _run_base(source: str) -> str | None:
     return load_resolved(recipe).model.base if recipe.is_file() else None
 
 
+def _run_trusts_remote_code(source: str) -> bool:
+    """The run's `model.trust_remote_code`: a base that brings its own code (Baichuan) ran it."""
+    recipe = Path(source) / RECIPE
+    return recipe.is_file() and load_resolved(recipe).model.trust_remote_code
+
+
 def _load(auto_class, source: str, **kwargs):
     try:
+        if auto_class is None:  # a reward model: transformers' classifier or ScoredCausalLM
+            return sequence_classifier(source, None, kwargs.get("trust_remote_code", False))
         return auto_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load {source}: {str(exc).strip().splitlines()[0]}") from None
@@ -76,7 +84,8 @@ def load_for_eval(source: str, reference: str | None = None) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = _model_dir(source)
-    tokenizer = load_tokenizer(str(path))
+    trust = _run_trusts_remote_code(source)
+    tokenizer = load_tokenizer(str(path), trust)
     adapter_file = path / "adapter_config.json"
     if adapter_file.is_file():
         from peft import PeftModel
@@ -87,19 +96,22 @@ def load_for_eval(source: str, reference: str | None = None) -> LoadedModel:
         run_base = _run_base(source)
         base = resolve_base(run_base) if run_base else adapter["base_model_name_or_path"]
         if adapter.get("task_type") == "SEQ_CLS":
-            body = _load(AutoModelForSequenceClassification, base, num_labels=1)
+            body = _load(None, base, trust_remote_code=trust)
             model = PeftModel.from_pretrained(body, str(path)).eval()
             return LoadedModel("reward_model", model, tokenizer)
-        body = _load(AutoModelForCausalLM, base)
+        body = _load(AutoModelForCausalLM, base, trust_remote_code=trust)
         return LoadedModel("policy", PeftModel.from_pretrained(body, str(path)).eval(), tokenizer)
-    config = _load(AutoConfig, str(path))
+    # trust_remote_code is passed even when False: transformers then refuses at once instead of
+    # asking on the terminal.
+    config = _load(AutoConfig, str(path), trust_remote_code=trust)
     if _is_classifier(config):
-        model = _load(AutoModelForSequenceClassification, str(path), num_labels=1).eval()
+        model = _load(AutoModelForSequenceClassification, str(path), num_labels=1,
+                      trust_remote_code=trust).eval()
         return LoadedModel("reward_model", model, tokenizer)
-    model = _load(AutoModelForCausalLM, str(path)).eval()
+    model = _load(AutoModelForCausalLM, str(path), trust_remote_code=trust).eval()
     reference = reference or _run_base(source)
     if reference is None:
         raise UserError("a full policy model needs a reference to compare with: pass --reference "
                         "(the model it was trained from)", where="--reference")
-    ref_model = _load(AutoModelForCausalLM, resolve_base(reference)).eval()
+    ref_model = _load(AutoModelForCausalLM, resolve_base(reference), trust_remote_code=trust).eval()
     return LoadedModel("policy", model, tokenizer, reference=ref_model)

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from ..engine.progress import console
-from ..engine.run_dir import FINAL
+from ..engine.run_dir import FINAL, RECIPE
 from ..errors import UserError
+from ..models.remote_code import check_trust, code_files
 
 # Merging changes the order of floating-point operations; fp32 stays well inside this.
 LOGITS_ATOL = 1e-3
@@ -45,22 +46,41 @@ def _auto_class(task_type: str | None):
     return transformers.AutoModelForCausalLM
 
 
-def _load_base(adapter_config: dict):
+def _run_trusts_remote_code(adapter_dir: Path) -> bool:
+    """`model.trust_remote_code` of the run that trained the adapter (False without a recipe)."""
+    from ..config import load_resolved
+
+    recipe = adapter_dir.parent / RECIPE
+    return adapter_dir.name == FINAL and recipe.is_file() and load_resolved(recipe).model.trust_remote_code
+
+
+def _check_classifier_exists(config, base: str) -> None:
+    from ..models.reward import has_sequence_classifier
+
+    if not has_sequence_classifier(config):
+        raise UserError(f"{base} has no sequence-classification class of its own (its code ships only "
+                        "a causal LM), so this reward model cannot become a standalone transformers "
+                        "model: use the RM run itself (PPO and `rlhf eval` load its adapter)")
+
+
+def _load_base(adapter_config: dict, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     base = adapter_config.get("base_model_name_or_path")
     if not base:
         raise UserError("adapter_config.json does not name its base model")
+    check_trust(base, trust_remote_code, what="the adapter's base")
     try:
-        config = AutoConfig.from_pretrained(base)
+        config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise UserError(f"cannot load the adapter's base {base}: {str(exc).splitlines()[0]}") from None
     if getattr(config, "quantization_config", None) is not None:
         raise UserError(f"the base {base} is quantised; merging into quantised weights loses "
                         "precision: merge into the unquantised base instead")
     auto = _auto_class(adapter_config.get("task_type"))
-    kwargs = {"dtype": torch.float32}
+    kwargs = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
     if adapter_config.get("task_type") == "SEQ_CLS":
+        _check_classifier_exists(config, base)
         kwargs["num_labels"] = 1
     return base, auto.from_pretrained(base, **kwargs)
 
@@ -79,6 +99,15 @@ def _output_of(model, inputs) -> torch.Tensor:
         return model(**inputs).logits.float()
 
 
+def _carry_code(base: str, out: Path) -> None:
+    """A base that brings its own code (config.json `auto_map`) needs that code beside the
+    merged weights; save_pretrained writes the files the model classes import, and this adds
+    any other (a tokenizer's, a helper module's) without replacing what it wrote."""
+    for path in code_files(base):
+        if not (out / path.name).exists():
+            shutil.copy2(path, out / path.name)
+
+
 def merge_lora(source: str, out: Path, *, overwrite: bool = False) -> Path:
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -88,10 +117,11 @@ def merge_lora(source: str, out: Path, *, overwrite: bool = False) -> Path:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty: pass --overwrite or choose another --out")
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base_name, base = _load_base(adapter_config)
+    trust_remote_code = _run_trusts_remote_code(adapter_dir)
+    base_name, base = _load_base(adapter_config, trust_remote_code)
     tokenizer = None
     if (adapter_dir / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
     peft_model.eval()
     inputs = _sample_input(tokenizer, base)
@@ -113,6 +143,7 @@ def merge_lora(source: str, out: Path, *, overwrite: bool = False) -> Path:
     for name in CARRIED_FILES:
         if (adapter_dir / name).is_file():
             shutil.copy2(adapter_dir / name, tmp / name)
+    _carry_code(base_name, tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     console.print(f"merged {adapter_dir} into {base_name} -> {out} "

@@ -24,6 +24,7 @@ from ..data.sources import load_source
 from ..engine.loop import StageTask, Trainer
 from ..engine.plots import plot_run
 from ..engine.run_dir import FINAL
+from ..errors import UserError
 from ..models.dropout import apply_dropout_setting
 from ..models.lm_forward import inner_causal_lm, shifted_targets, token_logprobs
 from ..models.loading import add_lora, count_parameters, resolve_base
@@ -111,6 +112,10 @@ def load_pairs(recipe: Recipe, tokenizer, spec: str, key: str, backend) -> list[
 def reward_model(recipe: Recipe, tokenizer, announce: bool):
     source = resolve_base(recipe.model.base)
     model = load_sequence_classifier(recipe.model, source, tokenizer.pad_token_id)
+    if recipe.model.lora is None and hasattr(model, "lm_head_is_linear"):  # a ScoredCausalLM
+        raise UserError(f"{recipe.model.base} has no sequence-classification class of its own, so a "
+                        "reward model on it is a LoRA adapter plus a score head: set model.lora",
+                        where="model.lora")
     if recipe.model.lora is not None:
         # peft keeps the `score` head trainable and saves it with the adapter (SEQ_CLS).
         model = add_lora(model, recipe.model.lora, task_type="SEQ_CLS")

@@ -53,7 +53,7 @@ def build_arrangement(recipe: Recipe, tokenizer=None, announce: bool = False) ->
     critic = needs_critic(recipe)
     rm_dir, rm_kind = _reward_model(recipe, kind)
     if rm_dir is not None and tokenizer is not None and not kind.startswith("1base"):
-        _check_tokenizer(rm_dir, tokenizer)
+        _check_tokenizer(rm_dir, tokenizer, recipe.model.trust_remote_code)
     actor = add_lora(load_causal_lm(recipe.model), recipe.model.lora)
     if kind in ("1base-1lora", "1base-2lora"):
         arrangement = _one_base(recipe, actor, rm_dir, two_lora=kind == "1base-2lora", critic=critic)
@@ -90,12 +90,12 @@ def _reward_model(recipe: Recipe, kind: str):
     return rm_dir, rm_kind
 
 
-def _check_tokenizer(rm_dir, tokenizer) -> None:
+def _check_tokenizer(rm_dir, tokenizer, trust_remote_code: bool = False) -> None:
     from transformers import AutoTokenizer
 
     if not (rm_dir / "tokenizer_config.json").is_file():
         return
-    theirs = AutoTokenizer.from_pretrained(str(rm_dir))
+    theirs = AutoTokenizer.from_pretrained(str(rm_dir), trust_remote_code=trust_remote_code)
     if theirs.get_vocab() != tokenizer.get_vocab() or theirs.eos_token_id != tokenizer.eos_token_id:
         raise UserError(f"the reward model {rm_dir} uses another tokenizer than the policy; PPO "
                         "scores the policy's token ids, so both must share one vocabulary", where=WHERE)
@@ -160,14 +160,11 @@ def _two_base(recipe: Recipe, actor, rm_dir, critic: bool) -> Arrangement:
 
 
 def _sequence_classifier(recipe: Recipe, source: str):
-    from transformers import AutoModelForSequenceClassification
-
     from ...models.loading import torch_dtype
+    from ...models.reward import sequence_classifier
 
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, dtype=torch_dtype(recipe.model.dtype),
-            trust_remote_code=recipe.model.trust_remote_code)
+        return sequence_classifier(source, torch_dtype(recipe.model.dtype), recipe.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the reward model {source}: {str(exc).splitlines()[0]}",
                         where=WHERE) from None
