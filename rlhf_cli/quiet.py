@@ -24,5 +24,8 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    for name in ("DeepSpeed", "deepspeed", "accelerate", "torch.distributed", "peft"):
+    # bitsandbytes (imported by peft when installed) tries to fetch an optional CPU kernel from
+    # the hub and, offline, warns twice through `kernels` and its own logger on every start.
+    for name in ("DeepSpeed", "deepspeed", "accelerate", "torch.distributed", "peft", "kernels",
+                 "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
