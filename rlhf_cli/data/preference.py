@@ -35,6 +35,8 @@ from rlhf_cli.data.sft import (
     truncate_prompt,
 )
 from rlhf_cli.data.templates import (
+    ASSISTANT,
+    HUMAN,
     Template,
     Token,
     encode_segments,
@@ -47,7 +49,6 @@ from rlhf_cli.errors import UserError
 FORMATS = ("'prompt' (or 'instruction' + optional 'input') + 'chosen' + 'rejected', 'chosen' + "
            "'rejected' as message lists or Anthropic HH transcripts, or 'instruction'/'prompt' + "
            "'output': [chosen, rejected]")
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 _HH_TURN = re.compile(r"(\n\nHuman:|\n\nAssistant:)")
 
 
@@ -79,41 +80,56 @@ def hh_split(chosen: str, rejected: str) -> tuple[str, str, str] | None:
     return chosen[:end], chosen[end:], rejected[end:]
 
 
-def hh_conversation(prompt: str) -> list[dict]:
+def hh_conversation(prompt: str, keep_text: bool = False) -> list[dict]:
     """An HH prompt ("\\n\\nHuman: a\\n\\nAssistant: b ... \\n\\nAssistant:") as user/assistant turns.
 
     Contents are stripped (templates add their own separators); the closing "Assistant:" with
     nothing after it is the cue for the answer, not a turn. Text before the first marker, which
-    real transcripts never have, is kept as a user turn rather than lost.
+    real transcripts never have, is kept as a user turn rather than lost. With `keep_text`, each
+    turn also carries its exact source text, label included, as "verbatim" (for `plain`).
     """
     parts = _HH_TURN.split(prompt)
-    conversation = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
+    conversation = []
+    if parts[0].strip():
+        conversation.append(_turn("user", parts[0], parts[0], keep_text))
     for marker, content in zip(parts[1::2], parts[2::2], strict=True):
         role = "user" if marker == HUMAN else "assistant"
-        conversation.append({"role": role, "content": content.strip()})
-    if conversation and conversation[-1] == {"role": "assistant", "content": ""}:
+        conversation.append(_turn(role, content, marker + content, keep_text))
+    if conversation and conversation[-1]["role"] == "assistant" and not conversation[-1]["content"]:
         conversation.pop()
     return conversation
 
 
-def _from_hh(chosen: str, rejected: str, where: str) -> tuple[list[dict], str, str] | PairDrop:
+def _turn(role: str, content: str, source: str, keep_text: bool) -> dict:
+    turn = {"role": role, "content": content.strip()}
+    return {**turn, "verbatim": source} if keep_text else turn
+
+
+def _from_hh(chosen: str, rejected: str, where: str, keep_text: bool
+             ) -> tuple[list[dict], str, str] | PairDrop:
     if ASSISTANT not in chosen and ASSISTANT not in rejected:
         raise UserError("'chosen' and 'rejected' without a 'prompt' must be Anthropic HH "
                         "transcripts ('\\n\\nHuman: ... \\n\\nAssistant: ...'); expected "
                         f"{FORMATS}", where=where)
     split = hh_split(chosen, rejected)
-    conversation = hh_conversation(split[0]) if split else []
+    conversation = hh_conversation(split[0], keep_text) if split else []
     if not any(m["role"] == "user" for m in conversation):
         return PairDrop.NO_SHARED_PROMPT
+    if keep_text:  # the responses as written, so that prompt + response is the transcript
+        return conversation, split[1], split[2]
     return conversation, split[1].strip(), split[2].strip()
 
 
 # ---------------------------------------------------------------- rows -> pairs
 
 
-def to_preference(row: dict, where: str) -> tuple[list[dict], str, str] | Drop:
-    """(prompt conversation, chosen text, rejected text) of one row, or why it is skipped."""
-    pair = parse_pair(row, where)
+def to_preference(row: dict, where: str, keep_text: bool = False
+                  ) -> tuple[list[dict], str, str] | Drop:
+    """(prompt conversation, chosen text, rejected text) of one row, or why it is skipped.
+
+    `keep_text` (the template's `keeps_text`): HH transcripts keep their exact text.
+    """
+    pair = parse_pair(row, where, keep_text)
     if isinstance(pair, PairDrop):
         return pair
     if not pair[1].strip() or not pair[2].strip():
@@ -121,7 +137,8 @@ def to_preference(row: dict, where: str) -> tuple[list[dict], str, str] | Drop:
     return PairDrop.IDENTICAL if pair[1] == pair[2] else pair
 
 
-def parse_pair(row: dict, where: str) -> tuple[list[dict], str, str] | PairDrop:
+def parse_pair(row: dict, where: str, keep_text: bool = False
+               ) -> tuple[list[dict], str, str] | PairDrop:
     """Like `to_preference`, but without judging the responses (PPO prompts use this)."""
     if "chosen" in row:
         chosen, rejected = row["chosen"], row.get("rejected")
@@ -134,7 +151,7 @@ def parse_pair(row: dict, where: str) -> tuple[list[dict], str, str] | PairDrop:
         return PairDrop.MISSING
     has_prompt = "prompt" in row or "instruction" in row
     if not has_prompt and isinstance(chosen, str) and isinstance(rejected, str):
-        return _from_hh(chosen, rejected, where)
+        return _from_hh(chosen, rejected, where, keep_text)
     chosen_turns, chosen = _response(chosen, "chosen", where)
     rejected_turns, rejected = _response(rejected, "rejected", where)
     if chosen_turns != rejected_turns:
@@ -181,7 +198,12 @@ def _response(value: Any, key: str, where: str) -> tuple[list[dict], str]:
 
 
 def prompt_text(conversation: list[dict]) -> str:
-    """The text of the last user turn (with an Alpaca input): what prompts are shown/scored as."""
+    """The text of the last user turn (with an Alpaca input): what prompts are shown/scored as.
+
+    A transcript kept verbatim is shown whole, as the dialogue up to its last "\\n\\nAssistant:".
+    """
+    if conversation and all("verbatim" in m for m in conversation):
+        return "".join(m["verbatim"] for m in conversation) + ASSISTANT
     users = [m for m in conversation if m["role"] == "user"]
     return user_text(users[-1]) if users else user_text(conversation[-1])
 
@@ -295,7 +317,7 @@ def build_preference_dataset(rows: list[dict], tokenizer: Any, template: str, ma
     template_obj = get_template(template)  # an unknown name fails before any row is read
 
     def make(row: dict, where: str) -> dict | Drop:
-        pair = to_preference(row, where)
+        pair = to_preference(row, where, template_obj.keeps_text)
         if not isinstance(pair, tuple):
             return pair
         conversation, chosen, rejected = pair
