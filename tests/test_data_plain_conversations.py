@@ -25,7 +25,8 @@ from rlhf_cli.data.preference import (
     tokenize_pair,
 )
 from rlhf_cli.data.preview import preview_prompts
-from rlhf_cli.data.prompt_data import build_prompt_dataset
+from rlhf_cli.data.prompt_data import build_prompt_dataset, to_prompt
+from rlhf_cli.data.prompts import prompt_ids_for_generation
 from rlhf_cli.data.sft import IGNORE_INDEX, build_sft_dataset, tokenize_conversation
 from rlhf_cli.data.templates import TEMPLATES
 
@@ -105,6 +106,18 @@ def test_hh_ppo_prompts_are_the_whole_dialogue(tok, hh_rows):
         prompt = hh_split(row["chosen"], row["rejected"])[0]
         assert example["prompt"] == prompt
         assert example["prompt_input_ids"] == [BOS, *encode_text(tok, prompt)]
+
+
+def test_eval_scoring_sees_hh_prompts_as_ppo_does(hh_rows):
+    from rlhf_cli.stages.scoring import prompt_text as scored_prompt
+
+    tok = build_tokenizer()
+    for row in hh_rows[:5]:
+        conversation = to_prompt(row, "r", keep_text=True)
+        prompt = hh_split(row["chosen"], row["rejected"])[0]
+        assert scored_prompt(conversation) == prompt
+        assert prompt_ids_for_generation(conversation, tok, "plain", None) == [
+            BOS, *encode_text(tok, prompt)]
 
 
 def test_hh_prompt_truncation_keeps_bos_and_the_closing_marker(tok, hh_rows):

@@ -47,3 +47,13 @@ def hh_conversation(prompt: str, keep_text: bool = False) -> list[dict]:
 def _turn(role: str, content: str, source: str, keep_text: bool) -> dict:
     turn = {"role": role, "content": content.strip()}
     return {**turn, "verbatim": source} if keep_text else turn
+
+
+def is_verbatim(conversation: list[dict]) -> bool:
+    """Turns parsed with `keep_text`: the transcript's own text is what prompts are shown as."""
+    return bool(conversation) and all("verbatim" in m for m in conversation)
+
+
+def transcript_prompt(conversation: list[dict]) -> str:
+    """The HH prompt a verbatim conversation was parsed from, up to its last "\\n\\nAssistant:"."""
+    return "".join(m["verbatim"] for m in conversation) + ASSISTANT

@@ -21,7 +21,7 @@ from dataclasses import replace
 from enum import Enum
 from typing import Any
 
-from rlhf_cli.data.hh import hh_conversation, hh_split
+from rlhf_cli.data.hh import hh_conversation, hh_split, is_verbatim, transcript_prompt
 from rlhf_cli.data.lazy import LazyExamples, located, with_location
 from rlhf_cli.data.sft import (
     IGNORE_INDEX,
@@ -161,8 +161,8 @@ def prompt_text(conversation: list[dict]) -> str:
 
     A transcript kept verbatim is shown whole, as the dialogue up to its last "\\n\\nAssistant:".
     """
-    if conversation and all("verbatim" in m for m in conversation):
-        return "".join(m["verbatim"] for m in conversation) + ASSISTANT
+    if is_verbatim(conversation):
+        return transcript_prompt(conversation)
     users = [m for m in conversation if m["role"] == "user"]
     return user_text(users[-1]) if users else user_text(conversation[-1])
 

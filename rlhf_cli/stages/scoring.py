@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..data.hh import is_verbatim, transcript_prompt
 from ..data.prompt_data import to_prompt
 from ..data.prompts import prompt_ids_for_generation
 from ..data.sources import load_source
@@ -20,7 +21,10 @@ from .common import generate
 
 
 def prompt_text(conversation: list[dict]) -> str:
-    """What the reward function sees as the prompt: the last user message's text."""
+    """What the reward function sees as the prompt: the last user message's text (an HH
+    transcript under `plain`: its dialogue, as PPO's reward function sees it)."""
+    if is_verbatim(conversation):
+        return transcript_prompt(conversation)
     users = [m for m in conversation if m["role"] != "assistant"]
     return users[-1]["content"] if users else ""
 
