@@ -5,7 +5,8 @@ Accepted rows (checked in this order):
   `chosen`/`rejected` are strings, or message lists whose last message is the assistant answer;
   when those lists carry earlier turns (`[user, assistant]`), they are the prompt and must match.
 - `chosen` + `rejected` as full message lists sharing every turn but the last (chat pairs).
-- `chosen` + `rejected` strings and nothing else: Anthropic HH transcripts (see `hh_split`).
+- `chosen` + `rejected` strings and nothing else: Anthropic HH transcripts (see `data/hh.py`;
+  under `plain` they keep their exact text).
 - the older `output: [chosen, rejected]` with `instruction` (+ `input`) or `prompt`.
 
 Bad input is either an error or a counted skip. A row whose shape is wrong (no recognisable
