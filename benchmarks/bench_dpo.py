@@ -77,7 +77,7 @@ def usable_pairs(raw: list[dict], tokenizer, max_length: int, limit: int):
         if has_special_text(str(item.get("chosen")), str(item.get("rejected"))):
             skip("special-token text in the data")
             continue
-        pair = to_preference(item, f"row {i + 1}")
+        pair = to_preference(item, f"row {i + 1}", keep_text=True)  # as `plain` reads HH rows
         if not isinstance(pair, tuple):
             skip(pair.value)
             continue

@@ -100,7 +100,7 @@ def usable_prompts(raw: list[dict], tokenizer, limit_tokens: int, needed: int) -
     rows, dropped = [], 0
     for i, row in enumerate(raw):
         item = {"chosen": row["chosen"], "rejected": row["rejected"]}
-        conversation = to_prompt(item, f"row {i + 1}")
+        conversation = to_prompt(item, f"row {i + 1}", keep_text=True)  # as `plain` reads HH rows
         if (not isinstance(conversation, list)
                 or len(prompt_ids_for_generation(conversation, tokenizer, "plain", None)) > limit_tokens):
             dropped += 1

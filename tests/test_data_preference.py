@@ -40,8 +40,8 @@ from rlhf_cli.errors import UserError
 # The shared data lies beside the repository (../shared), as in CI.
 HH_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-harmless-dev.jsonl.gz"
 BOS, EOS, PAD = 1, 2, 3
-ANSWER_TEXT = {"plain": "{}", "alpaca": "{}", "llama2": " {} ", "chatml": "{}<|im_end|>",
-               "tokenizer": "{}<|im_end|>"}
+ANSWER_TEXT = {"plain": "{}", "plain_dialogue": " {}", "alpaca": "{}", "llama2": " {} ",
+               "chatml": "{}<|im_end|>", "tokenizer": "{}<|im_end|>"}
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,9 @@ def test_alpaca_input_and_multi_turn_prompt(tok):
     assert conversation == history
     for template in TEMPLATES:
         example = pair(conversation, chosen, rejected, tok, template)
-        check_pair(example, tok, template, "Berlin", "Bonn")  # earlier answer: no loss
+        # earlier answer: no loss; plain labels the dialogue ("\n\nAssistant:" then " Berlin")
+        check_pair(example, tok, "plain_dialogue" if template == "plain" else template, "Berlin",
+                   "Bonn")
         prompt, _, _ = split_side(example, "chosen")
         assert prompt == prompt_ids_for_generation(conversation, tok, template, None)
 

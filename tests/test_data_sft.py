@@ -19,7 +19,7 @@ from rlhf_cli.data.sft import (
     to_conversation,
     tokenize_conversation,
 )
-from rlhf_cli.data.templates import TEMPLATES, get_template, render_prompt
+from rlhf_cli.data.templates import TEMPLATES, get_template, is_dialogue, render_prompt
 from rlhf_cli.errors import UserError
 
 BOS, EOS = 1, 2
@@ -110,7 +110,9 @@ def check_invariants(example, tok, template, conversation):
     assert ids.count(BOS) == (len(answers) if template == "llama2" else 1)
     assert ids[-1] == EOS and labels[-1] == EOS, "final EOS carries loss"
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels, strict=True))
-    expected = [RESPONSE_TEXT[template].format(a) + "</s>" for a in answers]
+    # plain labels a dialogue's turns: "\n\nAssistant:" (no loss), then " answer" (loss)
+    dialogue = template == "plain" and is_dialogue(conversation)
+    expected = [(" {}" if dialogue else RESPONSE_TEXT[template]).format(a) + "</s>" for a in answers]
     assert [tok.decode(run) for run in loss_runs(example)] == expected
     assert ids.count(EOS) == len(answers), "one EOS per assistant turn, never doubled"
 

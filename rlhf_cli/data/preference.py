@@ -5,7 +5,8 @@ Accepted rows (checked in this order):
   `chosen`/`rejected` are strings, or message lists whose last message is the assistant answer;
   when those lists carry earlier turns (`[user, assistant]`), they are the prompt and must match.
 - `chosen` + `rejected` as full message lists sharing every turn but the last (chat pairs).
-- `chosen` + `rejected` strings and nothing else: Anthropic HH transcripts (see `hh_split`).
+- `chosen` + `rejected` strings and nothing else: Anthropic HH transcripts (see `data/hh.py`;
+  under `plain` they keep their exact text).
 - the older `output: [chosen, rejected]` with `instruction` (+ `input`) or `prompt`.
 
 Bad input is either an error or a counted skip. A row whose shape is wrong (no recognisable
@@ -17,12 +18,11 @@ lengths cannot fit) is skipped and counted by reason in the `DropReport`.
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import replace
 from enum import Enum
 from typing import Any
 
+from rlhf_cli.data.hh import hh_conversation, hh_split, is_verbatim, transcript_prompt
 from rlhf_cli.data.lazy import LazyExamples, located, with_location
 from rlhf_cli.data.sft import (
     IGNORE_INDEX,
@@ -35,6 +35,8 @@ from rlhf_cli.data.sft import (
     truncate_prompt,
 )
 from rlhf_cli.data.templates import (
+    ASSISTANT,
+    HUMAN,  # noqa: F401 (re-exported: callers read the HH markers here)
     Template,
     Token,
     encode_segments,
@@ -47,8 +49,6 @@ from rlhf_cli.errors import UserError
 FORMATS = ("'prompt' (or 'instruction' + optional 'input') + 'chosen' + 'rejected', 'chosen' + "
            "'rejected' as message lists or Anthropic HH transcripts, or 'instruction'/'prompt' + "
            "'output': [chosen, rejected]")
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-_HH_TURN = re.compile(r"(\n\nHuman:|\n\nAssistant:)")
 
 
 class PairDrop(Enum):
@@ -65,55 +65,31 @@ Drop = DropReason | PairDrop
 # ---------------------------------------------------------------- Anthropic HH transcripts
 
 
-def hh_split(chosen: str, rejected: str) -> tuple[str, str, str] | None:
-    """(prompt, chosen response, rejected response) of two HH transcripts, or None.
-
-    The prompt is the longest common prefix of the two texts that ends with "\\n\\nAssistant:";
-    deriving it from both (not from the last "Assistant:" of one) copes with rows where one side
-    has extra turns. Exact: `prompt + chosen_response == chosen`, likewise for rejected.
-    """
-    end = os.path.commonprefix([chosen, rejected]).rfind(ASSISTANT)
-    if end < 0:
-        return None
-    end += len(ASSISTANT)
-    return chosen[:end], chosen[end:], rejected[end:]
-
-
-def hh_conversation(prompt: str) -> list[dict]:
-    """An HH prompt ("\\n\\nHuman: a\\n\\nAssistant: b ... \\n\\nAssistant:") as user/assistant turns.
-
-    Contents are stripped (templates add their own separators); the closing "Assistant:" with
-    nothing after it is the cue for the answer, not a turn. Text before the first marker, which
-    real transcripts never have, is kept as a user turn rather than lost.
-    """
-    parts = _HH_TURN.split(prompt)
-    conversation = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
-    for marker, content in zip(parts[1::2], parts[2::2], strict=True):
-        role = "user" if marker == HUMAN else "assistant"
-        conversation.append({"role": role, "content": content.strip()})
-    if conversation and conversation[-1] == {"role": "assistant", "content": ""}:
-        conversation.pop()
-    return conversation
-
-
-def _from_hh(chosen: str, rejected: str, where: str) -> tuple[list[dict], str, str] | PairDrop:
+def _from_hh(chosen: str, rejected: str, where: str, keep_text: bool
+             ) -> tuple[list[dict], str, str] | PairDrop:
     if ASSISTANT not in chosen and ASSISTANT not in rejected:
         raise UserError("'chosen' and 'rejected' without a 'prompt' must be Anthropic HH "
                         "transcripts ('\\n\\nHuman: ... \\n\\nAssistant: ...'); expected "
                         f"{FORMATS}", where=where)
     split = hh_split(chosen, rejected)
-    conversation = hh_conversation(split[0]) if split else []
+    conversation = hh_conversation(split[0], keep_text) if split else []
     if not any(m["role"] == "user" for m in conversation):
         return PairDrop.NO_SHARED_PROMPT
+    if keep_text:  # the responses as written, so that prompt + response is the transcript
+        return conversation, split[1], split[2]
     return conversation, split[1].strip(), split[2].strip()
 
 
 # ---------------------------------------------------------------- rows -> pairs
 
 
-def to_preference(row: dict, where: str) -> tuple[list[dict], str, str] | Drop:
-    """(prompt conversation, chosen text, rejected text) of one row, or why it is skipped."""
-    pair = parse_pair(row, where)
+def to_preference(row: dict, where: str, keep_text: bool = False
+                  ) -> tuple[list[dict], str, str] | Drop:
+    """(prompt conversation, chosen text, rejected text) of one row, or why it is skipped.
+
+    `keep_text` (the template's `keeps_text`): HH transcripts keep their exact text.
+    """
+    pair = parse_pair(row, where, keep_text)
     if isinstance(pair, PairDrop):
         return pair
     if not pair[1].strip() or not pair[2].strip():
@@ -121,7 +97,8 @@ def to_preference(row: dict, where: str) -> tuple[list[dict], str, str] | Drop:
     return PairDrop.IDENTICAL if pair[1] == pair[2] else pair
 
 
-def parse_pair(row: dict, where: str) -> tuple[list[dict], str, str] | PairDrop:
+def parse_pair(row: dict, where: str, keep_text: bool = False
+               ) -> tuple[list[dict], str, str] | PairDrop:
     """Like `to_preference`, but without judging the responses (PPO prompts use this)."""
     if "chosen" in row:
         chosen, rejected = row["chosen"], row.get("rejected")
@@ -134,7 +111,7 @@ def parse_pair(row: dict, where: str) -> tuple[list[dict], str, str] | PairDrop:
         return PairDrop.MISSING
     has_prompt = "prompt" in row or "instruction" in row
     if not has_prompt and isinstance(chosen, str) and isinstance(rejected, str):
-        return _from_hh(chosen, rejected, where)
+        return _from_hh(chosen, rejected, where, keep_text)
     chosen_turns, chosen = _response(chosen, "chosen", where)
     rejected_turns, rejected = _response(rejected, "rejected", where)
     if chosen_turns != rejected_turns:
@@ -181,7 +158,12 @@ def _response(value: Any, key: str, where: str) -> tuple[list[dict], str]:
 
 
 def prompt_text(conversation: list[dict]) -> str:
-    """The text of the last user turn (with an Alpaca input): what prompts are shown/scored as."""
+    """The text of the last user turn (with an Alpaca input): what prompts are shown/scored as.
+
+    A transcript kept verbatim is shown whole, as the dialogue up to its last "\\n\\nAssistant:".
+    """
+    if is_verbatim(conversation):
+        return transcript_prompt(conversation)
     users = [m for m in conversation if m["role"] == "user"]
     return user_text(users[-1]) if users else user_text(conversation[-1])
 
@@ -295,7 +277,7 @@ def build_preference_dataset(rows: list[dict], tokenizer: Any, template: str, ma
     template_obj = get_template(template)  # an unknown name fails before any row is read
 
     def make(row: dict, where: str) -> dict | Drop:
-        pair = to_preference(row, where)
+        pair = to_preference(row, where, template_obj.keeps_text)
         if not isinstance(pair, tuple):
             return pair
         conversation, chosen, rejected = pair

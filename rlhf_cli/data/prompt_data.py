@@ -39,15 +39,18 @@ class PromptDrop(Enum):
     TOO_LONG = "prompt longer than max_prompt_length"
 
 
-def to_prompt(row: dict, where: str) -> list[dict] | PairDrop:
-    """The conversation to generate the next assistant turn for, or why the row is skipped."""
+def to_prompt(row: dict, where: str, keep_text: bool = False) -> list[dict] | PairDrop:
+    """The conversation to generate the next assistant turn for, or why the row is skipped.
+
+    `keep_text` (the template's `keeps_text`): HH transcripts keep their exact text.
+    """
     if "messages" in row and "chosen" not in row:
         return _up_to_last_user(messages_of(row["messages"], "messages", where), where)
     if "prompt" in row or "instruction" in row:
         turns = prompt_turns(row, where)
         return _up_to_last_user(turns, where) if isinstance(row.get("prompt"), list) else turns
     if "chosen" in row or "output" in row:
-        pair = parse_pair(row, where)  # the prompt of a pair, whatever its responses
+        pair = parse_pair(row, where, keep_text)  # the prompt of a pair, whatever its responses
         return pair[0] if isinstance(pair, tuple) else pair
     raise UserError(f"expected fields {FORMATS}; this row has: "
                     f"{', '.join(map(repr, row)) or 'no fields'}", where=where)
@@ -65,15 +68,16 @@ def build_prompt_dataset(rows: list[dict], tokenizer: Any, template: str,
                          ) -> tuple[LazyExamples, DropReport]:
     """`{"prompt", "prompt_input_ids"}` per usable row, and a DropReport.
 
-    `prompt` is the text of the last user turn (what a reward function is called with);
+    `prompt` is the text of the last user turn (what a reward function is called with), or the
+    whole dialogue of an HH transcript kept verbatim (`plain`, see `prompt_text`);
     `prompt_input_ids` are BOS + the rendered conversation + the template's closing marker.
     """
     if max_prompt_length is not None and max_prompt_length < 1:
         raise UserError(f"max_prompt_length must be at least 1, got {max_prompt_length}")
-    get_template(template)  # an unknown name is an error before any row is read
+    keep_text = get_template(template).keeps_text  # an unknown name fails before any row is read
 
     def make(row: dict, where: str) -> dict | PairDrop | PromptDrop:
-        conversation = to_prompt(row, where)
+        conversation = to_prompt(row, where, keep_text)
         if not isinstance(conversation, list):
             return conversation
         ids = with_location(where, prompt_ids_for_generation, conversation, tokenizer, template, None)

@@ -18,6 +18,9 @@ from typing import Any, NamedTuple
 from rlhf_cli.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
+# `plain` labels the turns of a dialogue the way Anthropic HH transcripts do
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+PLAIN_LABELS = {"system": "\n\nSystem:", "user": HUMAN, "assistant": ASSISTANT, "tool": "\n\nTool:"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class Template:
     name: str
     description: str
     render_fn: Callable[[list[dict], Any], list[Segment]]
+    # renders a message's "verbatim" source text as it is (HH transcripts under `plain`)
+    keeps_text: bool = False
 
     def render(self, conversation: list[dict], tokenizer: Any = None) -> list[Segment]:
         return self.render_fn(conversation, tokenizer)
@@ -55,12 +60,42 @@ def user_text(message: dict) -> str:
 
 
 def _plain(conversation: list[dict], tokenizer: Any) -> list[Segment]:
+    """One exchange joined as it is; a dialogue with role labels (see `_plain_dialogue`)."""
+    if is_dialogue(conversation):
+        return _plain_dialogue(conversation)
     segments = [BOS]
     for message in conversation:
         if message["role"] == "assistant":
             segments += [Segment(message["content"], train=True), EOS]
         else:
             segments.append(Segment(user_text(message)))
+    return segments
+
+
+def is_dialogue(conversation: list[dict]) -> bool:
+    """More than one user message and one answer (a system or tool turn, a second exchange), or
+    a transcript kept verbatim: joined without labels, its turns could not be told apart."""
+    roles = [m["role"] for m in conversation]
+    answers = roles.count("assistant")
+    return answers > 1 or len(roles) - answers > 1 or any("verbatim" in m for m in conversation)
+
+
+def _plain_dialogue(conversation: list[dict]) -> list[Segment]:
+    # HH's own layout: "\n\nHuman: …\n\nAssistant: …", the "\n\nAssistant:" before each answer
+    # being the marker. Messages parsed from a transcript carry their exact source text
+    # ("verbatim", label included) and answers to them are kept as they are (their leading space
+    # included), so that prompt + answer rebuilds the transcript character for character.
+    verbatim = any("verbatim" in m for m in conversation)
+    segments = [BOS]
+    for message in conversation:
+        role = message["role"]
+        if "verbatim" in message:
+            segments.append(Segment(message["verbatim"]))
+        elif role == "assistant":
+            answer = message["content"] if verbatim else f" {message['content']}"
+            segments += [Segment(ASSISTANT, marker=True), Segment(answer, train=True), EOS]
+        else:
+            segments.append(Segment(f"{PLAIN_LABELS[role]} {user_text(message)}"))
     return segments
 
 
@@ -184,7 +219,8 @@ def _split_marker(prompt: str, last_content: str) -> tuple[str, str]:
 TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in (
-        Template("plain", "prompt and response joined as they are", _plain),
+        Template("plain", "prompt and response joined as they are; dialogues with "
+                 "Human:/Assistant: labels, HH transcripts kept verbatim", _plain, keeps_text=True),
         Template("alpaca", "Stanford Alpaca: ### Instruction / ### Input / ### Response", _alpaca),
         Template("llama2", "Meta Llama 2 chat: [INST] <<SYS>> ... [/INST]", _llama2),
         Template("chatml", "<|im_start|>role ... <|im_end|>", _chatml),

@@ -10,16 +10,21 @@ from collections.abc import Callable
 
 import torch
 
+from ..data.hh import is_verbatim, transcript_prompt
 from ..data.prompt_data import to_prompt
 from ..data.prompts import prompt_ids_for_generation
 from ..data.sources import load_source
+from ..data.templates import get_template
 from ..rewards import load_reward_fn
 from ..schema import Recipe
 from .common import generate
 
 
 def prompt_text(conversation: list[dict]) -> str:
-    """What the reward function sees as the prompt: the last user message's text."""
+    """What the reward function sees as the prompt: the last user message's text (an HH
+    transcript under `plain`: its dialogue, as PPO's reward function sees it)."""
+    if is_verbatim(conversation):
+        return transcript_prompt(conversation)
     users = [m for m in conversation if m["role"] != "assistant"]
     return users[-1]["content"] if users else ""
 
@@ -29,8 +34,9 @@ def make_task_scorer(recipe: Recipe, tokenizer, backend) -> Callable[[torch.nn.M
     reward_fn = load_reward_fn(train.eval_reward_fn, key="train.eval_reward_fn")
     rows = load_source(data.eval, "prompts", key="data.eval")
     conversations = []
+    keep_text = get_template(data.template).keeps_text  # as the training prompts are read
     for index, row in enumerate(rows):
-        conversation = to_prompt(row, where=f"{data.eval}: row {index + 1}")
+        conversation = to_prompt(row, f"{data.eval}: row {index + 1}", keep_text)
         if isinstance(conversation, list):  # rows without a usable prompt are skipped
             conversations.append(conversation)
         if len(conversations) == train.eval_num_prompts:
