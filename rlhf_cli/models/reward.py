@@ -6,7 +6,7 @@ import torch
 
 from ..errors import UserError
 from ..schema import ModelSection
-from .lm_forward import decoder_of, inner_causal_lm, position_ids_from
+from .decoder import decoder_states, inner_causal_lm
 from .loading import torch_dtype
 
 
@@ -17,13 +17,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (positions * attention_mask.long()).argmax(dim=1)
-
-
-def decoder_states(model, input_ids, attention_mask) -> torch.Tensor:
-    """The body's last hidden states [B, T, H] (positions counted over real tokens)."""
-    return decoder_of(inner_causal_lm(model))(
-        input_ids=input_ids, attention_mask=attention_mask,
-        position_ids=position_ids_from(attention_mask), use_cache=False).last_hidden_state
 
 
 def scores_from_states(model, hidden: torch.Tensor, attention_mask) -> torch.Tensor:
