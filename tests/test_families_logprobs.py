@@ -99,15 +99,14 @@ def test_ppo_paths_equal_the_models_logits(family):
                                rtol=0, atol=ATOL)
 
 
-def test_a_trainable_head_and_the_rm_lm_loss_equal_the_models_logits(family):
-    """Full fine-tuning (the head trains: autograd's path) and the RM's lm loss (the base's
-    head weight applied to the body's states, as `rlhf rm` does with rm.lm_loss_weight)."""
+def test_a_trainable_head_equals_the_models_logits(family):
+    """Full fine-tuning: the head trains, so PPO's log-probs take autograd's path."""
     from rlhf_cli.stages.ppo.heads import hidden_states, response_states, token_logprobs_and_entropy
-    from rlhf_cli.stages.rm import response_nll
 
     name, lora_model = family
     model = lora_model.get_base_model()
-    ids, mask, labels = batch(2)
+    ids, _, _ = batch(2)
+    mask = torch.ones_like(ids)
     with lora_model.disable_adapter():
         reference = model_logprobs(model, ids, mask, 0.7)[:, PROMPT - 1:]
         model.get_output_embeddings().weight.requires_grad_(True)
@@ -116,13 +115,24 @@ def test_a_trainable_head_and_the_rm_lm_loss_equal_the_models_logits(family):
             logp = token_logprobs_and_entropy(model, states, ids[:, PROMPT:], 0.7, False)[0]
         finally:
             model.get_output_embeddings().weight.requires_grad_(False)
-        torch.testing.assert_close(logp, reference.gather(-1, ids[:, PROMPT:, None]).squeeze(-1),
-                                   rtol=0, atol=ATOL, msg=name)
-        _, where = lm_forward.shifted_targets(ids, labels)
+    assert logp.requires_grad
+    torch.testing.assert_close(logp, reference.gather(-1, ids[:, PROMPT:, None]).squeeze(-1),
+                               rtol=0, atol=ATOL, msg=name)
+
+
+def test_the_rm_lm_loss_equals_the_models_logits(family):
+    """`rlhf rm` with rm.lm_loss_weight: the base's head weight applied to the body's states."""
+    from rlhf_cli.stages.rm import response_nll
+
+    name, lora_model = family
+    model = lora_model.get_base_model()
+    ids, mask, labels = batch(2)
+    _, where = lm_forward.shifted_targets(ids, labels)
+    with lora_model.disable_adapter():
         nll = response_nll(lm_forward.decoder_states(model, ids, mask), ids, labels,
                            model.get_output_embeddings().weight, model.config)
         expected = -(picked(model_logprobs(model, ids, mask), ids) * where).sum(1) / where.sum(1)
-        torch.testing.assert_close(nll, expected, rtol=0, atol=ATOL, msg=name)
+    torch.testing.assert_close(nll, expected, rtol=0, atol=ATOL, msg=name)
 
 
 @pytest.mark.parametrize("name", ["llama", *SCALED])
