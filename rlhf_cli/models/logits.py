@@ -141,7 +141,7 @@ def _say_once(text: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         from ..engine.progress import console
 
-        console.print(text, highlight=False)
+        console.print(text, highlight=False, soft_wrap=True)  # one line, however long
 
 
 def partitioned(lm) -> bool:
