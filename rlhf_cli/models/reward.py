@@ -6,7 +6,7 @@ import torch
 
 from ..errors import UserError
 from ..schema import ModelSection
-from .decoder import decoder_states, inner_causal_lm
+from .decoder import decoder_of, decoder_states, inner_causal_lm
 from .loading import torch_dtype
 
 
@@ -84,4 +84,5 @@ def load_sequence_classifier(section: ModelSection, source: str, pad_token_id: i
     if not hasattr(model, "score"):
         raise UserError(f"{type(model).__name__} has no `score` head; reward models need a "
                         "LLaMA-style *ForSequenceClassification class")
+    decoder_of(model, "a reward model")  # the score reads the body's states: an error without one
     return model
