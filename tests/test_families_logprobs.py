@@ -214,3 +214,16 @@ def test_frozen_head_transform_gradient_is_the_softcap_slope():
         (grad,) = torch.autograd.grad(logp.sum(), hidden)
         (full_grad,) = torch.autograd.grad(full.sum(), hidden)
         torch.testing.assert_close(grad, full_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", *SCALED])
+def test_the_probe_in_bf16_finds_the_transform_and_rejects_a_missing_one(name, monkeypatch):
+    """bf16 rounding must not hide a missing transform, nor reject a right one (PPO would refuse)."""
+    from rlhf_cli.models.logits import IDENTITY, LogitTransform, head_path
+
+    expected = LogitTransform.from_config(build_family(name).config)
+    verdict = head_path(build_family(name).to(torch.bfloat16))
+    assert verdict.exact and verdict.transform == expected
+    if not expected.identity:  # the config proposes nothing: the head alone must not pass
+        monkeypatch.setattr(LogitTransform, "from_config", classmethod(lambda cls, config: IDENTITY))
+        assert not head_path(build_family(name).to(torch.bfloat16)).exact
