@@ -140,7 +140,10 @@ def test_the_probe_finds_the_known_transform_and_caches_its_verdict():
     assert head_path(_family("llama")).transform.identity
 
 
-def test_a_model_the_fast_path_does_not_reproduce_takes_the_full_forward_with_one_line(capsys):
+def test_a_model_the_fast_path_does_not_reproduce_takes_the_full_forward_with_one_line(capsys, monkeypatch):
+    from rlhf_cli.models import logits as logit_module
+
+    monkeypatch.setattr(logit_module, "_SAID", set())
     model = _with_unknown_transform(_family("llama"))
     torch.manual_seed(5)
     ids = torch.randint(4, 260, (2, 10))
@@ -151,6 +154,9 @@ def test_a_model_the_fast_path_does_not_reproduce_takes_the_full_forward_with_on
     for _ in range(2):
         torch.testing.assert_close(lm_forward.sequence_logprobs(model, ids, mask, labels)[0], expected,
                                    rtol=0, atol=1e-4)
+    reference_copy = _with_unknown_transform(_family("llama"))  # e.g. DPO's frozen reference
+    lm_forward.sequence_logprobs(reference_copy, ids, mask, labels)
+    assert not logit_module.head_path(reference_copy).exact
     lines = [line for line in capsys.readouterr().err.splitlines() if "full forward" in line]
     assert len(lines) == 1 and "LlamaForCausalLM" in lines[0], lines
 

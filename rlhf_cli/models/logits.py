@@ -135,10 +135,14 @@ def head_path(model) -> HeadPath:
     return verdict
 
 
+_SAID: set[str] = set()  # a policy and its reference copy are one message, not two
+
+
 def _say_once(text: str) -> None:
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if text not in _SAID and (not dist.is_initialized() or dist.get_rank() == 0):
+        _SAID.add(text)
         from ..engine.progress import console
 
         console.print(text, highlight=False, soft_wrap=True)  # one line, however long
