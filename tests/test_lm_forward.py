@@ -107,3 +107,98 @@ def test_ppo_token_logprobs_take_the_chunked_path_and_agree(lora_lm, monkeypatch
     torch.testing.assert_close(entropy, entropy_from_logits(logits.detach()), rtol=1e-5, atol=1e-5)
     assert logp.shape == entropy.shape == tokens.shape
     assert calls == [1] and logp.requires_grad
+
+
+def _family(name: str):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from families import build_family
+
+    return build_family(name)
+
+
+def _with_unknown_transform(model):
+    """The model's own logits pass through a transform no config names (its head's do not)."""
+    def hook(_module, _args, output):
+        output.logits = output.logits * 1.7 + 0.5 * torch.cos(output.logits)
+        return output
+
+    model.register_forward_hook(hook)
+    return model
+
+
+def test_the_probe_finds_the_known_transform_and_caches_its_verdict():
+    from rlhf_cli.models.logits import LogitTransform, head_path
+
+    model = _family("gemma2").train()
+    verdict = head_path(model)
+    assert verdict.exact and verdict.transform == LogitTransform(1.0, 3.0)
+    assert head_path(model) is verdict  # probed once per model
+    assert model.training and all(m.training for m in model.modules())  # modes restored
+    assert head_path(_family("granite")).transform == LogitTransform(0.25)
+    assert head_path(_family("llama")).transform.identity
+
+
+def test_a_model_the_fast_path_does_not_reproduce_takes_the_full_forward_with_one_line(capsys, monkeypatch):
+    from rlhf_cli.models import logits as logit_module
+
+    monkeypatch.setattr(logit_module, "_SAID", set())
+    model = _with_unknown_transform(_family("llama"))
+    torch.manual_seed(5)
+    ids = torch.randint(4, 260, (2, 10))
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    expected = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1).sum(1)
+    for _ in range(2):
+        torch.testing.assert_close(lm_forward.sequence_logprobs(model, ids, mask, labels)[0], expected,
+                                   rtol=0, atol=1e-4)
+    reference_copy = _with_unknown_transform(_family("llama"))  # e.g. DPO's frozen reference
+    lm_forward.sequence_logprobs(reference_copy, ids, mask, labels)
+    assert not logit_module.head_path(reference_copy).exact
+    lines = [line for line in capsys.readouterr().err.splitlines() if "full forward" in line]
+    assert len(lines) == 1 and "LlamaForCausalLM" in lines[0], lines
+
+
+def test_ppo_refuses_a_head_it_cannot_use_naming_model_and_stage():
+    from rlhf_cli.errors import UserError
+    from rlhf_cli.models.logits import check_head
+    from rlhf_cli.stages.ppo.heads import hidden_states, token_logprobs_and_entropy
+
+    model = _with_unknown_transform(_family("opt"))
+    with pytest.raises(UserError, match=r"OPTForCausalLM.*cannot be used for ppo"):
+        check_head(model, "ppo")
+    ids = torch.randint(4, 260, (1, 6))
+    states = hidden_states(model, ids, torch.ones_like(ids))
+    with pytest.raises(UserError, match="cannot be used for ppo"):
+        token_logprobs_and_entropy(model, states, ids, 1.0, False)
+    headless = _family("llama")
+    headless.get_output_embeddings = lambda: None
+    with pytest.raises(UserError, match=r"LlamaForCausalLM.*cannot be used for ppo.*no separate output head"):
+        check_head(headless, "ppo")
+
+
+def test_a_value_or_reward_head_needs_a_decoder_body():
+    from rlhf_cli.errors import UserError
+    from rlhf_cli.stages.ppo.heads import hidden_states
+
+    model = _family("gpt2")
+    model.base_model_prefix = "body_that_is_not_there"
+    ids = torch.randint(4, 260, (1, 6))
+    with pytest.raises(UserError, match=r"GPT2LMHeadModel.*no decoder body.*ppo"):
+        hidden_states(model, ids, torch.ones_like(ids))
+
+
+def test_rlhf_ppo_on_an_unusable_head_is_one_error_line_and_writes_nothing(in_process, tmp_path, monkeypatch,
+                                                                          capsys, repo):
+    from rlhf_cli.models import logits
+
+    reason = "its logits are not its output head's (tried final transform: none)"
+    monkeypatch.setattr(logits, "_probe", lambda lm: logits.HeadPath(False, reason=reason))
+    code = in_process("ppo", "--recipe", str(repo / "recipes" / "tiny-grpo.yaml"), "-o", "run")
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert "cannot be used for ppo" in errors[0] and "LlamaForCausalLM" in errors[0]
+    assert not (tmp_path / "run").exists()

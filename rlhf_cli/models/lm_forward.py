@@ -6,6 +6,9 @@ through the wrapper's forward (so DDP/DeepSpeed see it) and apply the output hea
 to the positions that carry loss: with a 32k vocabulary this saves most of the logits
 memory and compute. With a frozen head (LoRA) the log-probs go through it chunk by chunk
 (`FrozenHeadLogprobs`), so even those positions' logits are never held all at once.
+Head outputs then go through the family's final transform (soft-cap, scale); models/logits.py
+checks once per model that this equals `model(...).logits`, and a model it does not is run
+through its full forward instead.
 """
 
 from __future__ import annotations
@@ -13,28 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .decoder import decoder_of, decoder_states, inner_causal_lm, position_ids_from
+from .logits import IDENTITY, LogitTransform, head_path
 
-def inner_causal_lm(model):
-    """The transformers model under peft's wrappers (LoRA layers stay injected)."""
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
-
-
-def supports_partial_head(lm) -> bool:
-    """The fast path is exact only when logits = lm_head(last hidden state)."""
-    config = lm.config
-    has_scaling = any(
-        getattr(config, name, None) not in (None, 1.0)
-        for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
-    )
-    return (not has_scaling and lm.get_output_embeddings() is not None
-            and hasattr(lm, lm.base_model_prefix))
-
-
-def decoder_of(lm):
-    """The transformer body (LLaMA: `model`, GPT-2: `transformer`)."""
-    return getattr(lm, lm.base_model_prefix)
+__all__ = ["decoder_of", "decoder_states", "inner_causal_lm", "position_ids_from"]  # re-exported
 
 
 def shifted_targets(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,22 +28,16 @@ def shifted_targets(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return targets, targets != -100
 
 
-def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, as generation does with left padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def selected_logits(model, input_ids, attention_mask, mask) -> torch.Tensor:
-    """Logits [N, V] of the positions where `mask` ([B, T-1]) is true, in order."""
-    lm = inner_causal_lm(model)
-    if supports_partial_head(lm):
-        hidden = decoder_of(lm)(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=position_ids_from(attention_mask),
-                                use_cache=False).last_hidden_state
-        return lm.get_output_embeddings()(hidden[:, :-1][mask])
+    """Logits [N, V] (float32) of the positions where `mask` ([B, T-1]) is true, in order:
+    exactly `model(...).logits` there (models/logits.py checks the fast path per model)."""
+    verdict = head_path(model)
+    if verdict.exact:
+        hidden = decoder_states(model, input_ids, attention_mask)
+        return verdict.transform(inner_causal_lm(model).get_output_embeddings()(hidden[:, :-1][mask]))
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_from(attention_mask), use_cache=False).logits
-    return logits[:, :-1][mask]
+    return logits[:, :-1][mask].float()
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
@@ -74,19 +53,22 @@ CHUNK_BYTES = 64 * 2**20
 
 
 class FrozenHeadLogprobs(torch.autograd.Function):
-    """log p(target) of each row of `hidden` [N, H] under a frozen output head, chunk by chunk;
-    with `with_entropy`, also each row's entropy (a statistic: it takes no gradient).
+    """log p(target) of each row of `hidden` [N, H] under a frozen output head followed by the
+    family's logit transform, chunk by chunk; with `with_entropy`, also each row's entropy (a
+    statistic: it takes no gradient).
 
     The head is frozen under LoRA, so the only gradient it passes on is d logp / d hidden =
-    (W[target] − softmax·W) / T, an [N, H] tensor: forward computes it chunk by chunk and keeps
-    it, backward scales it by the incoming gradient. No more than a chunk of [N, V] logits is
-    ever held (autograd would keep the logits, their log-softmax and their gradient, each
-    4·N·V bytes), with the same two GEMMs as autograd's forward and backward.
-    Returns (log-probs [N], entropy [N] or an empty tensor).
+    Σ_j (δ_j,target − p_j) · z'(u_j) · W_j / T, with u = W·h the head's output and z' the
+    transform's slope (a constant scale, or per entry 1 − tanh²(u/c) for a soft-cap): an
+    [N, H] tensor that forward computes chunk by chunk and keeps, and backward scales by the
+    incoming gradient. No more than a chunk of [N, V] logits is ever held (autograd would keep
+    the logits, their log-softmax and their gradient, each 4·N·V bytes), with the same two
+    GEMMs as autograd's forward and backward. Returns (log-probs [N], entropy [N] or empty).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool = False):
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool = False,
+                transform: LogitTransform = IDENTITY):
         rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         entropy = out.new_empty(hidden.shape[0] if with_entropy else 0)
@@ -94,7 +76,7 @@ class FrozenHeadLogprobs(torch.autograd.Function):
         grads = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_grad else None
         for start in range(0, hidden.shape[0], rows):
             part, target = slice(start, start + rows), targets[start:start + rows]
-            logits = F.linear(hidden[part], weight, bias).float()
+            logits, slope = transform.with_slope(F.linear(hidden[part], weight, bias))
             if temperature != 1.0:
                 logits = logits / temperature
             lse = torch.logsumexp(logits, dim=-1)
@@ -106,8 +88,7 @@ class FrozenHeadLogprobs(torch.autograd.Function):
             if with_entropy:  # −Σ p log p as a row-wise dot product: no third [rows, V] tensor
                 entropy[part] = -(probs[:, None, :] @ log_probs[:, :, None]).view(-1)
             if need_grad:
-                expected = (probs.to(weight.dtype) @ weight).float()
-                grads[part] = (weight[target].float() - expected) / temperature
+                grads[part] = _hidden_grad(probs, slope, weight, target) / temperature
         ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(entropy)
         if need_grad:
@@ -117,13 +98,26 @@ class FrozenHeadLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_entropy):
         (grads,) = ctx.saved_tensors
-        return (grad_out[:, None] * grads).to(ctx.hidden_dtype), None, None, None, None, None
+        return (grad_out[:, None] * grads).to(ctx.hidden_dtype), None, None, None, None, None, None
 
 
-def frozen_head_logprobs(hidden, head, targets, temperature: float = 1.0, with_entropy: bool = False):
-    """(log p(target) [N], entropy [N] or None) of the rows of `hidden` [N, H] under `head`."""
+def _hidden_grad(probs, slope, weight, target) -> torch.Tensor:
+    """d log p(target) / d hidden · T for one chunk: (z'_t·W_t − (p ⊙ z')·W); `probs` is consumed."""
+    if isinstance(slope, torch.Tensor):  # per-entry slope (soft-cap)
+        target_slope = slope.gather(1, target[:, None])
+        weighted = probs.mul_(slope)
+    else:
+        target_slope, weighted = slope, probs.mul_(slope) if slope != 1.0 else probs
+    expected = (weighted.to(weight.dtype) @ weight).float()
+    return target_slope * weight[target].float() - expected
+
+
+def frozen_head_logprobs(hidden, head, targets, temperature: float = 1.0, with_entropy: bool = False,
+                         transform: LogitTransform = IDENTITY):
+    """(log p(target) [N], entropy [N] or None) of the rows of `hidden` [N, H] under `head`
+    and then `transform`."""
     logp, entropy = FrozenHeadLogprobs.apply(hidden, head.weight, head.bias, targets, temperature,
-                                             with_entropy)
+                                             with_entropy, transform)
     return logp, (entropy if with_entropy else None)
 
 
@@ -136,12 +130,12 @@ def frozen_head(head) -> bool:
 
 def selected_logprobs(model, input_ids, attention_mask, mask, targets, temperature: float = 1.0):
     """log p(target) [N] at the positions where `mask` ([B, T-1]) is true; `targets` [N]."""
-    lm = inner_causal_lm(model)
-    if supports_partial_head(lm) and frozen_head(lm.get_output_embeddings()):
-        hidden = decoder_of(lm)(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=position_ids_from(attention_mask),
-                                use_cache=False).last_hidden_state
-        return frozen_head_logprobs(hidden[:, :-1][mask], lm.get_output_embeddings(), targets, temperature)[0]
+    verdict = head_path(model)
+    head = inner_causal_lm(model).get_output_embeddings()
+    if verdict.exact and frozen_head(head):
+        hidden = decoder_states(model, input_ids, attention_mask)
+        return frozen_head_logprobs(hidden[:, :-1][mask], head, targets, temperature,
+                                    transform=verdict.transform)[0]
     return token_logprobs(selected_logits(model, input_ids, attention_mask, mask), targets, temperature)
 
 

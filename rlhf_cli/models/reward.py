@@ -6,7 +6,7 @@ import torch
 
 from ..errors import UserError
 from ..schema import ModelSection
-from .lm_forward import decoder_of, inner_causal_lm, position_ids_from
+from .decoder import decoder_of, decoder_states, inner_causal_lm
 from .loading import torch_dtype
 from .remote_code import check_trust
 
@@ -18,13 +18,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (positions * attention_mask.long()).argmax(dim=1)
-
-
-def decoder_states(model, input_ids, attention_mask) -> torch.Tensor:
-    """The body's last hidden states [B, T, H] (positions counted over real tokens)."""
-    return decoder_of(inner_causal_lm(model))(
-        input_ids=input_ids, attention_mask=attention_mask,
-        position_ids=position_ids_from(attention_mask), use_cache=False).last_hidden_state
 
 
 def scores_from_states(model, hidden: torch.Tensor, attention_mask) -> torch.Tensor:
@@ -121,4 +114,5 @@ def load_sequence_classifier(section: ModelSection, source: str, pad_token_id: i
     if not hasattr(model, "score"):
         raise UserError(f"{type(model).__name__} has no `score` head; reward models need a "
                         "LLaMA-style *ForSequenceClassification class")
+    decoder_of(model, "a reward model")  # the score reads the body's states: an error without one
     return model

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..models.dropout import apply_dropout_setting
 from ..models.lm_forward import inner_causal_lm, shifted_targets, token_logprobs
 from ..models.loading import add_lora, count_parameters, resolve_base
+from ..models.logits import LogitTransform
 from ..models.reward import base_lm_head, decoder_states, load_sequence_classifier, scores_from_states
 from ..schema import Recipe
 from .common import say, tokenizer_for
@@ -53,13 +54,16 @@ class RewardObjective(torch.nn.Module):
             return rewards, None
         if self.lm_head.device != hidden.device:
             self.lm_head = self.lm_head.to(hidden.device)
-        return rewards, response_nll(hidden, input_ids, labels, self.lm_head)
+        return rewards, response_nll(hidden, input_ids, labels, self.lm_head,
+                                     inner_causal_lm(self.rm).config)
 
 
-def response_nll(hidden, input_ids, labels, lm_head: torch.Tensor) -> torch.Tensor:
+def response_nll(hidden, input_ids, labels, lm_head: torch.Tensor, config=None) -> torch.Tensor:
     """Mean NLL per row [B] of the labelled tokens, with logits only where there are labels."""
     targets, mask = shifted_targets(input_ids, labels)
-    logits = hidden[:, :-1][mask] @ lm_head.to(hidden.dtype).T
+    # The family's final transform (soft-cap, scale) from the config: there is no LM forward here
+    # to probe (models/logits.py), the body is a sequence classifier.
+    logits = LogitTransform.from_config(config)(hidden[:, :-1][mask] @ lm_head.to(hidden.dtype).T)
     per_token = -token_logprobs(logits, targets[mask])
     rows = mask.nonzero()[:, 0]
     sums = torch.zeros(input_ids.shape[0], dtype=per_token.dtype, device=per_token.device)

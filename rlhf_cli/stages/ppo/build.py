@@ -26,6 +26,7 @@ from ...models.loading import (
     lora_config,
     resolve_base,
 )
+from ...models.logits import check_head
 from ...schema import Recipe
 from .adapters import (
     CRITIC,
@@ -55,6 +56,7 @@ def build_arrangement(recipe: Recipe, tokenizer=None, announce: bool = False) ->
     if rm_dir is not None and tokenizer is not None and not kind.startswith("1base"):
         _check_tokenizer(rm_dir, tokenizer, recipe.model.trust_remote_code)
     actor = add_lora(load_causal_lm(recipe.model), recipe.model.lora)
+    check_head(actor, "ppo")  # an unusable head is an error before anything runs
     if kind in ("1base-1lora", "1base-2lora"):
         arrangement = _one_base(recipe, actor, rm_dir, two_lora=kind == "1base-2lora", critic=critic)
     elif kind == "2base-2lora":

@@ -11,23 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from ...algorithms.ppo import entropy_from_logits
-from ...models.lm_forward import (
-    decoder_of,
-    frozen_head,
-    frozen_head_logprobs,
-    inner_causal_lm,
-    position_ids_from,
-    selected_logits,
-    shifted_targets,
-)
+from ...models.decoder import decoder_states, inner_causal_lm
+from ...models.lm_forward import frozen_head, frozen_head_logprobs, selected_logits, shifted_targets
+from ...models.logits import require_head
 from ...models.reward import last_token_index
+
+STAGE = "ppo"
 
 
 def hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
-    lm = inner_causal_lm(model)
-    return decoder_of(lm)(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids_from(attention_mask),
-                          use_cache=False).last_hidden_state
+    return decoder_states(model, input_ids, attention_mask, stage=STAGE)
 
 
 def response_states(hidden: torch.Tensor, prompt_width: int) -> torch.Tensor:
@@ -35,17 +28,21 @@ def response_states(hidden: torch.Tensor, prompt_width: int) -> torch.Tensor:
 
 
 def token_logprobs_and_entropy(model, states, tokens, temperature: float, with_entropy: bool):
-    """log π(token) [B, R] (and entropy [B, R], a statistic) from the states that predict `tokens`.
+    """log π(token) [B, R] (and entropy [B, R], a statistic) from the states that predict `tokens`,
+    equal to log_softmax(model(...).logits / T): the head, then the family's logit transform.
 
     A frozen head (LoRA) goes chunk by chunk and never holds the [B, R, V] logits
     (models/lm_forward.py); a trainable or ZeRO-3-partitioned head takes autograd's path.
+    A model whose logits are not its head's (models/logits.py) is an error: these states also
+    feed the value head, so there is no full-forward fallback here.
     """
+    transform = require_head(model, STAGE).transform
     head = inner_causal_lm(model).get_output_embeddings()
     if frozen_head(head):
         logp, entropy = frozen_head_logprobs(states.flatten(0, 1), head, tokens.flatten(), temperature,
-                                             with_entropy)
+                                             with_entropy, transform)
         return logp.view(tokens.shape), (entropy.view(tokens.shape) if with_entropy else None)
-    logits = head(states).float() / temperature
+    logits = transform(head(states)) / temperature
     logp = -F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
     logp = logp.view(tokens.shape)
     entropy = entropy_from_logits(logits.detach()) if with_entropy else None
