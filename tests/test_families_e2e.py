@@ -26,14 +26,23 @@ from cli_helpers import REPO, cli_env, error_line, read_jsonl, rlhf, run_in, tra
 from families import FAMILIES, save_family
 
 TEXTS = ["sort dbca =", "The quick brown fox jumps over the lazy dog."]
+MAX_LENGTH = 32
 TWO_STEPS = ["--set", "train.max_steps=2", "--set", "train.warmup_steps=0", "--set", "train.log_every=1",
              "--set", "train.eval_every=null", "--set", "train.save_every=null",
-             "--set", "train.batch_size=4", "--set", "data.max_length=32"]
+             "--set", "train.batch_size=4", "--set", f"data.max_length={MAX_LENGTH}"]
 NO_EVAL = ["--set", "data.eval=null", "--set", "train.eval_reward_fn=null"]
 # A larger rate than tiny-sft's, so that two steps move every family's logits well past the
 # merge tolerance and the equality check below means something.
 SFT = ["sft", "--recipe", str(REPO / "recipes" / "tiny-sft.yaml"), *TWO_STEPS, *NO_EVAL,
        "--set", "train.lr=2e-2", "--set", "model.lora.target_modules=auto"]
+# As many SFT rows as train.batch_size: the first step's batch is all of them, in any order.
+SFT_ROWS = [{"prompt": "sort dbca =", "response": " abcd"},
+            {"prompt": "sort zyx =", "response": " xyz"},
+            {"prompt": "Name a colour:", "response": " blue, like the sky."},
+            {"prompt": "2 + 3 =", "response": " 5"}]
+# Families whose logits carry a transform that the SFT fast path misses today (issue 11
+# item 1, branch i11-logprob): `supports_partial_head` does not know Granite's divisor.
+SFT_LOSS_XFAIL = {"granite": "issue 11 item 1: SFT's fast path skips Granite's logits_scaling"}
 PPO_SMALL = ["--set", "ppo.rollout_batch_size=4", "--set", "ppo.mini_batch_size=4",
              "--set", "ppo.ppo_epochs=1", "--set", "ppo.max_new_tokens=6", "--set", "train.max_steps=2",
              "--set", "train.log_every=1", "--set", "train.eval_every=null", "--set", "train.save_every=null",
@@ -101,9 +110,52 @@ def assert_merged_equals_adapter(run: Path, merged: Path, base: str, family: str
         assert (b - e).abs().max() > 1e-2  # the adapter moved the model: the check above bites
 
 
+def sft_data(tmp_path: Path) -> str:
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in SFT_ROWS))
+    return str(path)
+
+
+def own_logits_loss(base: str, data: str) -> float:
+    """Token-mean cross-entropy of the SFT rows under the base's own `model(...).logits`
+    (the first step's loss: the LoRA update is still zero), batched as `rlhf sft` batches them."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cli.data.collate import pad_batch
+    from rlhf_cli.data.sft import build_sft_dataset
+    from rlhf_cli.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(base)
+    examples, _ = build_sft_dataset(read_jsonl(Path(data)), tokenizer, "plain", MAX_LENGTH, None, source=data)
+    batch = pad_batch(examples, tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    return float(F.cross_entropy(logits[:, :-1][labels != -100], labels[labels != -100]))
+
+
+def xfail_where(known: dict[str, str]) -> list:
+    """FAMILIES as parameters, those in `known` marked xfail(strict) with their reason."""
+    return [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=known[f])) if f in known else f
+            for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family", xfail_where(SFT_LOSS_XFAIL))
+def test_sft_first_loss_is_the_models_own(family, base_dir, in_process, tmp_path):
+    data = sft_data(tmp_path)
+    args = [*SFT, "--set", f"model.base={base_dir}", "--set", f"data.train={data}", "-o", "sft"]
+    assert in_process(*args) == 0
+    rows = assert_finite_rows(tmp_path / "sft", ("loss", "grad_norm"))
+    assert abs(rows[0]["loss"] - own_logits_loss(base_dir, data)) < 1e-4, rows[0]
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_sft_then_merge_gives_a_plain_model_with_the_adapters_logits(family, base_dir, in_process, tmp_path):
-    assert in_process(*SFT, "--set", f"model.base={base_dir}", "-o", "sft") == 0
+    args = [*SFT, "--set", f"model.base={base_dir}", "--set", f"data.train={sft_data(tmp_path)}", "-o", "sft"]
+    assert in_process(*args) == 0
     assert_finite_rows(tmp_path / "sft", ("loss", "grad_norm"))
     assert_final_adapter(tmp_path / "sft")
     assert in_process("merge-lora", "sft", "--out", "merged") == 0
