@@ -170,6 +170,7 @@ def run_rm(in_process, base_dir: str, family: str, tmp_path: Path, capsys) -> No
     if family in NO_SEQUENCE_CLASSIFIER:
         assert code == 2
         assert "as a reward model" in error_line(capsys.readouterr().err)
+        assert not (tmp_path / "rm").exists()  # a user error writes nothing
         return
     assert code == 0
     assert_finite_rows(tmp_path / "rm", ("loss", "accuracy"))
