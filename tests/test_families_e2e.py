@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO, cli_env, error_line, read_jsonl, rlhf, run_in, train_rows
+from cli_helpers import REPO, cli_env, read_jsonl, rlhf, run_in, train_rows
 from families import FAMILIES, save_family
 
 TEXTS = ["sort dbca =", "The quick brown fox jumps over the lazy dog."]
@@ -40,15 +40,10 @@ SFT_ROWS = [{"prompt": "sort dbca =", "response": " abcd"},
             {"prompt": "sort zyx =", "response": " xyz"},
             {"prompt": "Name a colour:", "response": " blue, like the sky."},
             {"prompt": "2 + 3 =", "response": " 5"}]
-# Families whose logits carry a transform that the SFT fast path misses today (issue 11
-# item 1, branch i11-logprob): `supports_partial_head` does not know Granite's divisor.
-SFT_LOSS_XFAIL = {"granite": "issue 11 item 1: SFT's fast path skips Granite's logits_scaling"}
 PPO_SMALL = ["--set", "ppo.rollout_batch_size=4", "--set", "ppo.mini_batch_size=4",
              "--set", "ppo.ppo_epochs=1", "--set", "ppo.max_new_tokens=6", "--set", "train.max_steps=2",
              "--set", "train.log_every=1", "--set", "train.eval_every=null", "--set", "train.save_every=null",
              *NO_EVAL]
-# Families transformers has no *ForSequenceClassification class for: no reward model.
-NO_SEQUENCE_CLASSIFIER = {"cohere", "granite"}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json")
 
 
@@ -143,7 +138,7 @@ def xfail_where(known: dict[str, str]) -> list:
             for f in FAMILIES]
 
 
-@pytest.mark.parametrize("family", xfail_where(SFT_LOSS_XFAIL))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_sft_first_loss_is_the_models_own(family, base_dir, in_process, tmp_path):
     data = sft_data(tmp_path)
     args = [*SFT, "--set", f"model.base={base_dir}", "--set", f"data.train={data}", "-o", "sft"]
@@ -162,17 +157,11 @@ def test_sft_then_merge_gives_a_plain_model_with_the_adapters_logits(family, bas
     assert_merged_equals_adapter(tmp_path / "sft", tmp_path / "merged", base_dir, family)
 
 
-def run_rm(in_process, base_dir: str, family: str, tmp_path: Path, capsys) -> None:
+def run_rm(in_process, base_dir: str, tmp_path: Path) -> None:
     # data.eval stays (a small held-out set): `rlhf rm` without one fails today (issue 11 item 9).
     args = ["rm", "--recipe", str(REPO / "recipes" / "tiny-rm.yaml"), "--set", f"model.base={base_dir}",
             *TWO_STEPS, "-o", "rm"]
-    code = in_process(*args)
-    if family in NO_SEQUENCE_CLASSIFIER:
-        assert code == 2
-        assert "as a reward model" in error_line(capsys.readouterr().err)
-        assert not (tmp_path / "rm").exists()  # a user error writes nothing
-        return
-    assert code == 0
+    assert in_process(*args) == 0  # Cohere/Granite: the causal LM's body + our score head
     assert_finite_rows(tmp_path / "rm", ("loss", "accuracy"))
     assert_final_adapter(tmp_path / "rm")
     assert (tmp_path / "rm" / "final" / "reward_stats.json").is_file()
@@ -189,8 +178,10 @@ def run_dpo(in_process, base_dir: str, tmp_path: Path) -> None:
 
 
 def run_ppo(in_process, base_dir: str, arrangement: str, tmp_path: Path) -> None:
+    # The reward is the RM trained on this base (run_rm): a frozen adapter + head on the policy's base.
     args = ["ppo", "--recipe", str(REPO / "recipes" / f"tiny-ppo-{arrangement}.yaml"),
-            "--set", f"model.base={base_dir}", *PPO_SMALL, "-o", arrangement]
+            "--set", f"model.base={base_dir}", "--set", "ppo.reward_fn=null",
+            "--set", f"ppo.reward_model={tmp_path / 'rm'}", *PPO_SMALL, "-o", arrangement]
     assert in_process(*args) == 0
     rows = assert_finite_rows(tmp_path / arrangement,
                               ("score", "kl", "loss", "policy_loss", "value_loss", "entropy", "approx_kl"))
@@ -204,8 +195,8 @@ def run_ppo(in_process, base_dir: str, arrangement: str, tmp_path: Path) -> None
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_rm_dpo_and_ppo_run_a_few_steps(family, base_dir, in_process, tmp_path, capsys):
-    run_rm(in_process, base_dir, family, tmp_path, capsys)
+def test_rm_dpo_and_ppo_run_a_few_steps(family, base_dir, in_process, tmp_path):
+    run_rm(in_process, base_dir, tmp_path)
     run_dpo(in_process, base_dir, tmp_path)
     for arrangement in ("1base-1lora", "1base-2lora"):
         run_ppo(in_process, base_dir, arrangement, tmp_path)

@@ -85,7 +85,8 @@ def has_sequence_classifier(config) -> bool:
 
 def sequence_classifier(source: str, dtype: torch.dtype | None, trust_remote_code: bool):
     """`source` as a one-label sequence classifier: transformers' class when there is one,
-    otherwise (remote code such as Baichuan 2) the causal LM's body with a fresh `score` head.
+    otherwise (remote code such as Baichuan 2; Cohere and Granite in transformers 5) the causal
+    LM's body with a fresh `score` head.
 
     Every reward-model load goes through here (training, PPO, eval), so an adapter saved on
     one loads on the other. `dtype` None keeps transformers' default. May raise
@@ -96,7 +97,7 @@ def sequence_classifier(source: str, dtype: torch.dtype | None, trust_remote_cod
     check_trust(source, trust_remote_code)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     kwargs = {"trust_remote_code": trust_remote_code, **({"dtype": dtype} if dtype is not None else {})}
-    if not has_sequence_classifier(config) and trust_remote_code:
+    if not has_sequence_classifier(config):
         from .scored_lm import ScoredCausalLM
 
         return ScoredCausalLM(AutoModelForCausalLM.from_pretrained(source, **kwargs))

@@ -21,6 +21,11 @@ class ScoredCausalLM(PreTrainedModel):
     """`lm`'s decoder body (shared, not copied) with a freshly drawn scalar `score` head."""
 
     supports_gradient_checkpointing = False
+    # The body was loaded by its own class, which already chose (and checked) its attention
+    # implementation; this wrapper only reads its states, so it accepts whatever that was.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
 
     def __init__(self, lm):
         from transformers.initialization import no_init_weights
