@@ -1,0 +1,220 @@
+"""`model.dtype: bf16` through every stage and PPO arrangement, on the CPU.
+
+What GPU users pick: the body runs in bfloat16 while what precision depends on stays
+float32: per-token log-probs (log-softmax in fp32), their sequence sums, reward and value
+head outputs, advantages and returns, and every loss. Each run is a few steps through
+`rlhf` in this process (the `in_process` fixture), with spies on the functions that produce
+those tensors; each test also checks that the body really ran in bf16, so that it cannot
+pass on an fp32 model. The last test bounds the bf16 path's sequence log-prob against the
+same bf16 model's own `model(...).logits.float()`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import pytest
+import torch
+from cli_helpers import REPO
+
+SMALL = ["--set", "model.dtype=bf16", "--set", "data.train=builtin:sort:train:32",
+         "--set", "data.eval=null", "--set", "train.eval_every=null", "--set", "train.eval_reward_fn=null",
+         "--set", "train.save_every=null", "--set", "train.log_every=1", "--set", "train.batch_size=4",
+         "--set", "train.max_steps=2", "--set", "data.max_length=40"]
+PPO_SMALL = ["--set", "ppo.rollout_batch_size=4", "--set", "ppo.mini_batch_size=4",
+             "--set", "ppo.ppo_epochs=1", "--set", "ppo.max_new_tokens=6"]
+
+
+class Spy:
+    """Records the dtypes of what wrapped functions take and return, keyed by a label."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+        self.seen: dict[str, set[torch.dtype]] = {}
+
+    def note(self, label: str, value) -> None:
+        values = value if isinstance(value, (tuple, list)) else [value]
+        for i, item in enumerate(values):
+            if isinstance(item, torch.Tensor) and item.is_floating_point():
+                self.seen.setdefault(f"{label}[{i}]" if len(values) > 1 else label, set()).add(item.dtype)
+
+    def wrap(self, module, name: str, label: str | None = None, args: dict[int, str] | None = None):
+        """Patch `module.name`; record its output (and the positional args named in `args`)."""
+        original = getattr(module, name)
+
+        @functools.wraps(original)
+        def spied(*a, **k):
+            for index, arg_label in (args or {}).items():
+                self.note(arg_label, a[index])
+            out = original(*a, **k)
+            self.note(label or name, out)
+            return out
+
+        self.monkeypatch.setattr(module, name, spied)
+
+    def assert_dtype(self, label: str, dtype: torch.dtype) -> None:
+        assert label in self.seen, f"{label} never computed; seen: {sorted(self.seen)}"
+        assert self.seen[label] == {dtype}, (label, self.seen[label])
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    return Spy(monkeypatch)
+
+
+def spy_losses(spy: Spy) -> None:
+    """The loss of every Trainer-based stage (sft, rm, dpo, kto), as the loop receives it."""
+    from rlhf_cli.engine import loop
+
+    init = loop.Trainer.__init__
+
+    def spied_init(self, recipe, task, *rest, **kw):
+        original = task.loss_fn
+
+        def loss_fn(model, batch):
+            loss, metrics = original(model, batch)
+            spy.note("loss", loss)
+            return loss, metrics
+
+        task.loss_fn = loss_fn
+        init(self, recipe, task, *rest, **kw)
+
+    spy.monkeypatch.setattr(loop.Trainer, "__init__", spied_init)
+
+
+def spy_body(spy: Spy) -> None:
+    """The decoder body's last hidden states, wherever a stage asks for them."""
+    from rlhf_cli.models import lm_forward
+
+    original = lm_forward.decoder_of
+
+    def decoder_of(lm):
+        body = original(lm)
+        forward = body.forward
+
+        def recorded(*a, **k):
+            out = forward(*a, **k)
+            spy.note("hidden", out.last_hidden_state)
+            return out
+
+        class Recorded:  # the body, with a forward that records its output
+            def __call__(self, *a, **k):
+                return recorded(*a, **k)
+
+        return Recorded()
+
+    spy.monkeypatch.setattr(lm_forward, "decoder_of", decoder_of)
+    for module in _modules_importing("decoder_of"):
+        spy.monkeypatch.setattr(module, "decoder_of", decoder_of)
+
+
+def _modules_importing(name: str):
+    import importlib
+
+    for module_name in ("rlhf_cli.models.reward", "rlhf_cli.stages.ppo.heads"):
+        module = importlib.import_module(module_name)
+        if hasattr(module, name):
+            yield module
+
+
+def finite_rows(run) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert rows
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, float):
+                assert math.isfinite(value), (key, row)
+    return rows
+
+
+# ------------------------------------------------------------------ sft, rm, dpo family, kto
+
+
+def test_sft_in_bf16(in_process, spy, tmp_path):
+    spy_losses(spy)
+    spy_body(spy)
+    assert in_process("sft", "--recipe", str(REPO / "recipes" / "tiny-sft.yaml"), "-o", "run", *SMALL) == 0
+    assert "loss" in finite_rows(tmp_path / "run")[-1]
+    spy.assert_dtype("hidden", torch.bfloat16)
+    spy.assert_dtype("loss", torch.float32)
+
+
+def test_rm_in_bf16(in_process, spy, tmp_path):
+    from rlhf_cli.models import reward
+
+    spy_losses(spy)
+    spy_body(spy)
+    spy.wrap(reward, "scores_from_states", "reward")
+    from rlhf_cli.stages import rm
+
+    spy.wrap(rm, "response_nll", "nll")
+    assert in_process("rm", "--recipe", str(REPO / "recipes" / "tiny-rm.yaml"), "-o", "run", *SMALL,
+                      "--set", "rm.lm_loss_weight=0.1") == 0
+    finite_rows(tmp_path / "run")
+    spy.assert_dtype("hidden", torch.bfloat16)
+    for label in ("reward", "nll", "loss"):
+        spy.assert_dtype(label, torch.float32)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo", "kto"])
+def test_dpo_family_in_bf16(in_process, spy, tmp_path, loss_type):
+    from rlhf_cli.stages import dpo
+
+    spy_losses(spy)
+    spy_body(spy)
+    spy.wrap(dpo, "sequence_logprobs", "seq_logp")
+    assert in_process("dpo", "--recipe", str(REPO / "recipes" / "tiny-dpo.yaml"), "-o", "run", *SMALL,
+                      "--set", f"dpo.loss_type={loss_type}") == 0
+    finite_rows(tmp_path / "run")
+    spy.assert_dtype("hidden", torch.bfloat16)
+    spy.assert_dtype("seq_logp[0]", torch.float32)
+    spy.assert_dtype("loss", torch.float32)
+
+
+# ------------------------------------------------------------------ ppo
+
+
+def spy_ppo(spy: Spy) -> None:
+    from rlhf_cli.stages.ppo import experience, heads, roles, update
+
+    spy_body(spy)
+    spy.wrap(roles, "token_logprobs_and_entropy", "logp")
+    apply_head = roles.apply_head
+
+    def spied_apply_head(head, states):
+        # The value head trains (float32); a reward head keeps its RM's dtype (frozen).
+        spy.note("value_head" if head.weight.requires_grad else "reward_head", head.weight)
+        out = apply_head(head, states)
+        spy.note("head_out", out)
+        return out
+
+    spy.monkeypatch.setattr(roles, "apply_head", spied_apply_head)
+    spy.wrap(update, "policy_loss", "policy_loss", args={0: "new_logp", 1: "old_logp", 2: "advantages"})
+    spy.wrap(update, "value_loss", "value_loss", args={0: "values", 2: "returns"})
+    spy.wrap(experience, "estimate_advantages", "estimate")
+    assert heads  # apply_head is imported by roles; heads itself is not patched
+
+
+@pytest.mark.parametrize("arrangement, advantage", [
+    ("1base-1lora", "gae"), ("1base-2lora", "gae"), ("2base-2lora", "gae"), ("separate", "gae"),
+    ("1base-1lora", "grpo")])
+def test_ppo_in_bf16(in_process, spy, tmp_path, rm_run, arrangement, advantage):
+    spy_ppo(spy)
+    extra = ["--set", f"ppo.advantage={advantage}"]
+    if advantage == "gae":  # a reward model: its body and head run in bf16 too
+        extra += ["--set", "ppo.reward_fn=null", "--set", f"ppo.reward_model={rm_run}"]
+    else:
+        extra += ["--set", "ppo.samples_per_prompt=2"]
+    code = in_process("ppo", "--recipe", str(REPO / "recipes" / "tiny-ppo-1base-1lora.yaml"), "-o", "run",
+                      *SMALL, *PPO_SMALL, "--set", f"ppo.arrangement={arrangement}", *extra)
+    assert code == 0
+    rows = finite_rows(tmp_path / "run")
+    assert "policy_loss" in rows[-1]
+    spy.assert_dtype("hidden", torch.bfloat16)
+    for label in ("logp[0]", "new_logp", "old_logp", "advantages", "estimate[0]", "policy_loss[0]"):
+        spy.assert_dtype(label, torch.float32)
+    if advantage == "gae":
+        for label in ("values", "returns", "value_loss[0]", "estimate[1]", "head_out", "value_head"):
+            spy.assert_dtype(label, torch.float32)
