@@ -218,3 +218,22 @@ def test_ppo_in_bf16(in_process, spy, tmp_path, rm_run, arrangement, advantage):
     if advantage == "gae":
         for label in ("values", "returns", "value_loss[0]", "estimate[1]", "head_out", "value_head"):
             spy.assert_dtype(label, torch.float32)
+
+
+def test_a_bf16_reward_models_trainable_weights_are_float32(rlhf_home):
+    """The score head trains with LoRA; in bf16 AdamW's small late updates would round away
+    (bf16 keeps 8 bits of mantissa), so every trainable weight is float32, as peft makes LoRA's."""
+    from rlhf_cli.config import load_recipe
+    from rlhf_cli.models.reward import score_sequences
+    from rlhf_cli.stages.common import tokenizer_for
+    from rlhf_cli.stages.rm import reward_model
+
+    recipe = load_recipe(REPO / "recipes" / "tiny-rm.yaml", ["model.dtype=bf16"])
+    model = reward_model(recipe, tokenizer_for(recipe), announce=False)
+    trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    assert any("score" in name for name in trainable)
+    assert set(trainable.values()) == {torch.float32}, trainable
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert torch.bfloat16 in frozen  # the body stays bf16
+    ids = torch.tensor([[1, 5, 6, 2]])
+    assert score_sequences(model, ids, torch.ones_like(ids)).dtype == torch.float32
