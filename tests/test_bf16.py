@@ -237,3 +237,59 @@ def test_a_bf16_reward_models_trainable_weights_are_float32(rlhf_home):
     assert torch.bfloat16 in frozen  # the body stays bf16
     ids = torch.tensor([[1, 5, 6, 2]])
     assert score_sequences(model, ids, torch.ones_like(ids)).dtype == torch.float32
+
+
+# ------------------------------------------------------------------ precision
+
+
+def own_logprobs(model, ids, mask) -> torch.Tensor:
+    """log p(next token) [B, T-1] from the model's own logits, upcast, in float32."""
+    from rlhf_cli.models.lm_forward import position_ids_from
+
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from(mask)).logits
+    assert logits.dtype == torch.bfloat16  # the model really is bf16
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora-frozen-head", "trainable-head"])
+def test_bf16_log_probs_match_the_models_own_logits_in_float32(rlhf_home, lora):
+    """Sequence sums (DPO, SFT, eval) and PPO's per-token path against log_softmax of the same
+    bf16 model's `model(...).logits.float()`.
+
+    Both apply the same bf16 head to the same bf16 hidden states, and the head's output rows do
+    not depend on which other rows are in the GEMM here; what remains is float32 reduction order
+    (log-sum-exp over the vocabulary, the sum over tokens): at most a few float32 ulps of each
+    term. Tolerance: n tokens x 4 ulps of the sum's magnitude (~1e-3 for 30 tokens at ~-180).
+    A log-softmax taken in bf16 is off by ~0.1 on these sums (measured), ~100x more; the same
+    weights in float32 by ~0.01-0.05, so the bf16 model is what is being checked."""
+    from rlhf_cli.config import load_recipe
+    from rlhf_cli.models.lm_forward import sequence_logprobs
+    from rlhf_cli.models.loading import add_lora, load_causal_lm
+    from rlhf_cli.stages.ppo.heads import hidden_states, response_states, token_logprobs_and_entropy
+
+    recipe = load_recipe(REPO / "recipes" / "tiny-sft.yaml", ["model.dtype=bf16"])
+    torch.manual_seed(0)
+    model = load_causal_lm(recipe.model)
+    if lora:
+        model = add_lora(model, recipe.model.lora)
+        with torch.no_grad():  # LoRA B starts at 0: make the adapter count
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+    ids = torch.randint(3, model.config.vocab_size, (3, 40))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding in one row
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :10] = -100  # the prompt
+    with torch.no_grad():
+        sums, counts = sequence_logprobs(model, ids, mask, labels)
+        own = own_logprobs(model, ids, mask)
+        width = 10  # PPO: prompt of 10 columns, response of the rest
+        states = response_states(hidden_states(model, ids, mask), width)
+        ppo_logp, _ = token_logprobs_and_entropy(model, states, ids[:, width:], 1.0, False)
+    expected = (own * (labels[:, 1:] != -100)).sum(dim=1)
+    assert sums.dtype == ppo_logp.dtype == torch.float32
+    ulp = torch.finfo(torch.float32).eps * expected.abs()
+    assert torch.all((sums - expected).abs() <= counts * 4 * ulp), (sums, expected)
+    token_tol = 4 * torch.finfo(torch.float32).eps * own.abs().max()
+    torch.testing.assert_close(ppo_logp, own[:, width - 1:], rtol=0, atol=float(token_tol))
