@@ -211,7 +211,7 @@ def test_ppo_in_bf16(in_process, spy, tmp_path, rm_run, arrangement, advantage):
                       *SMALL, *PPO_SMALL, "--set", f"ppo.arrangement={arrangement}", *extra)
     assert code == 0
     rows = finite_rows(tmp_path / "run")
-    assert "policy_loss" in rows[-1]
+    assert "policy_loss" in rows[-1] and rows[-1]["rss_mb"] > 0  # as every stage's rows
     spy.assert_dtype("hidden", torch.bfloat16)
     for label in ("logp[0]", "new_logp", "old_logp", "advantages", "estimate[0]", "policy_loss[0]"):
         spy.assert_dtype(label, torch.float32)
