@@ -190,11 +190,20 @@ def spy_ppo(spy: Spy) -> None:
         spy.note("head_out", out)
         return out
 
-    spy.monkeypatch.setattr(roles, "apply_head", spied_apply_head)
+    spy.monkeypatch.setattr(roles, "apply_head", spied_apply_head)  # values
+    spy.monkeypatch.setattr(heads, "apply_head", spied_apply_head)  # rewards (sequence_reward)
+    from rlhf_cli.models import lm_forward, reward
+
+    scores_from_states = reward.scores_from_states
+
+    def spied_scores(model, hidden, attention_mask):  # the separate arrangement's reward model
+        spy.note("reward_head", next(lm_forward.inner_causal_lm(model).score.parameters()))
+        return scores_from_states(model, hidden, attention_mask)
+
+    spy.monkeypatch.setattr(reward, "scores_from_states", spied_scores)
     spy.wrap(update, "policy_loss", "policy_loss", args={0: "new_logp", 1: "old_logp", 2: "advantages"})
     spy.wrap(update, "value_loss", "value_loss", args={0: "values", 2: "returns"})
     spy.wrap(experience, "estimate_advantages", "estimate")
-    assert heads  # apply_head is imported by roles; heads itself is not patched
 
 
 @pytest.mark.parametrize("arrangement, advantage", [
@@ -216,7 +225,9 @@ def test_ppo_in_bf16(in_process, spy, tmp_path, rm_run, arrangement, advantage):
     for label in ("logp[0]", "new_logp", "old_logp", "advantages", "estimate[0]", "policy_loss[0]"):
         spy.assert_dtype(label, torch.float32)
     if advantage == "gae":
-        for label in ("values", "returns", "value_loss[0]", "estimate[1]", "head_out", "value_head"):
+        # The reward head too: the RM scores with a float32 head (load_sequence_classifier).
+        for label in ("values", "returns", "value_loss[0]", "estimate[1]", "head_out", "value_head",
+                      "reward_head"):
             spy.assert_dtype(label, torch.float32)
 
 

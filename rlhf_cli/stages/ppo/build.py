@@ -97,10 +97,6 @@ def _check_tokenizer(rm_dir, tokenizer) -> None:
                         "scores the policy's token ids, so both must share one vocabulary", where=WHERE)
 
 
-def _dtype_of(model) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 def _set_trainable(peft_model, adapter: str) -> None:
     for name, param in peft_model.named_parameters():
         if f".{adapter}." in name:
@@ -111,7 +107,7 @@ def _one_base(recipe: Recipe, actor, rm_dir, two_lora: bool, critic: bool) -> Ar
     reward_head, value_head = None, zero_head(actor.config.hidden_size) if critic else None
     if rm_dir is not None:
         head = add_rm_adapter(actor, rm_dir, REWARD)
-        reward_head = linear_head_from(head, False, _dtype_of(actor.get_base_model()))
+        reward_head = linear_head_from(head, False)
         value_head = linear_head_from(head, True) if critic else None
     if not two_lora:
         return OneBaseOneLora(actor, value_head, reward_head)
@@ -143,7 +139,7 @@ def _two_base(recipe: Recipe, actor, rm_dir, critic: bool) -> Arrangement:
         rm_body, head = peft_with_rm_adapter(_load_rm_base(recipe, adapter_base(rm_dir)), rm_dir, REWARD,
                                              trainable=False)
         return TwoBase(actor, rm_body, None,
-                       linear_head_from(head, False, _dtype_of(rm_body.get_base_model())))
+                       linear_head_from(head, False))
     if rm_dir is None:  # reward function: the second base is the policy's, with a fresh critic
         body = load_causal_lm(recipe.model)
         rm_body = get_peft_model(body, lora_config(recipe.model.lora), adapter_name=CRITIC)
@@ -151,7 +147,7 @@ def _two_base(recipe: Recipe, actor, rm_dir, critic: bool) -> Arrangement:
     rm_body, head = peft_with_rm_adapter(_load_rm_base(recipe, adapter_base(rm_dir)), rm_dir, CRITIC,
                                          trainable=True)
     add_rm_adapter(rm_body, rm_dir, REWARD)  # only ever used under no_grad
-    reward_head = linear_head_from(head, False, _dtype_of(rm_body.get_base_model()))
+    reward_head = linear_head_from(head, False)
     return TwoBase(actor, rm_body, linear_head_from(head, True), reward_head)
 
 
@@ -161,12 +157,14 @@ def _sequence_classifier(recipe: Recipe, source: str):
     from ...models.loading import torch_dtype
 
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=1, dtype=torch_dtype(recipe.model.dtype),
             trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the reward model {source}: {str(exc).splitlines()[0]}",
                         where=WHERE) from None
+    model.score.float()  # scores in float32 on any body, as `rlhf rm` trains them (models/reward.py)
+    return model
 
 
 def _separate(recipe: Recipe, actor, rm_dir, rm_kind, with_critic: bool) -> Arrangement:
