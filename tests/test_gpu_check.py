@@ -79,6 +79,22 @@ def test_the_plan_covers_every_stage_and_arrangement_in_bf16(tmp_path):
     assert "summary" in proc.stdout and not (tmp_path / "out").exists()  # dry: nothing ran
 
 
+def test_every_planned_training_command_is_a_valid_recipe(tmp_path, monkeypatch):
+    """Keys, values and combinations as `rlhf` validates them before it loads anything, so that
+    a typo in the script shows here rather than on a lent GPU."""
+    from rlhf_cli.config import load_recipe
+
+    proc = gpu_check(tmp_path, {"GPU_CHECK_DRY": "1", "GPU_CHECK_GPUS": "2"})
+    monkeypatch.chdir(REPO)  # the script runs from the repository root
+    training = [c for c in planned(proc.stdout) if c[0] in ("sft", "rm", "dpo", "ppo")]
+    assert len(training) >= 12
+    for command in training:
+        recipe_file = command[command.index("--recipe") + 1]
+        sets = [command[i + 1] for i, a in enumerate(command) if a == "--set"]
+        recipe = load_recipe(recipe_file, sets, stage=command[0], output_dir=command[command.index("-o") + 1])
+        assert recipe.model.dtype == "bf16"
+
+
 def test_one_gpu_leaves_out_the_two_process_runs(tmp_path):
     proc = gpu_check(tmp_path, {"GPU_CHECK_DRY": "1", "GPU_CHECK_GPUS": "1"})
     assert proc.returncode == 0, proc.stderr
