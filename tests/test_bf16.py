@@ -85,38 +85,18 @@ def spy_losses(spy: Spy) -> None:
 
 
 def spy_body(spy: Spy) -> None:
-    """The decoder body's last hidden states, wherever a stage asks for them."""
-    from rlhf_cli.models import lm_forward
+    """The decoder body's last hidden states, however a stage reaches the body (the built-in
+    models are LLaMAs): they must be bf16, or the test would pass on an fp32 model."""
+    from transformers.models.llama import modeling_llama
 
-    original = lm_forward.decoder_of
+    forward = modeling_llama.LlamaModel.forward
 
-    def decoder_of(lm):
-        body = original(lm)
-        forward = body.forward
+    def recorded(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        spy.note("hidden", out.last_hidden_state)
+        return out
 
-        def recorded(*a, **k):
-            out = forward(*a, **k)
-            spy.note("hidden", out.last_hidden_state)
-            return out
-
-        class Recorded:  # the body, with a forward that records its output
-            def __call__(self, *a, **k):
-                return recorded(*a, **k)
-
-        return Recorded()
-
-    spy.monkeypatch.setattr(lm_forward, "decoder_of", decoder_of)
-    for module in _modules_importing("decoder_of"):
-        spy.monkeypatch.setattr(module, "decoder_of", decoder_of)
-
-
-def _modules_importing(name: str):
-    import importlib
-
-    for module_name in ("rlhf_cli.models.reward", "rlhf_cli.stages.ppo.heads"):
-        module = importlib.import_module(module_name)
-        if hasattr(module, name):
-            yield module
+    spy.monkeypatch.setattr(modeling_llama.LlamaModel, "forward", recorded)
 
 
 def finite_rows(run) -> list[dict]:
@@ -142,13 +122,11 @@ def test_sft_in_bf16(in_process, spy, tmp_path):
 
 
 def test_rm_in_bf16(in_process, spy, tmp_path):
-    from rlhf_cli.models import reward
+    from rlhf_cli.stages import rm
 
     spy_losses(spy)
     spy_body(spy)
-    spy.wrap(reward, "scores_from_states", "reward")
-    from rlhf_cli.stages import rm
-
+    spy.wrap(rm, "scores_from_states", "reward")  # the name rm.py calls
     spy.wrap(rm, "response_nll", "nll")
     assert in_process("rm", "--recipe", str(REPO / "recipes" / "tiny-rm.yaml"), "-o", "run", *SMALL,
                       "--set", "rm.lm_loss_weight=0.1") == 0
