@@ -136,7 +136,13 @@ def test_rm_in_bf16(in_process, spy, tmp_path):
         spy.assert_dtype(label, torch.float32)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo", "kto"])
+# The default suite keeps one run of each code path; the other losses and the two-model
+# arrangements (the same heads and log-prob functions, on more models) run with the slow tests.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", pytest.param("simpo", marks=SLOW),
+                                       pytest.param("kto", marks=SLOW)])
 def test_dpo_family_in_bf16(in_process, spy, tmp_path, loss_type):
     from rlhf_cli.stages import dpo
 
@@ -185,8 +191,8 @@ def spy_ppo(spy: Spy) -> None:
 
 
 @pytest.mark.parametrize("arrangement, advantage", [
-    ("1base-1lora", "gae"), ("1base-2lora", "gae"), ("2base-2lora", "gae"), ("separate", "gae"),
-    ("1base-1lora", "grpo")])
+    ("1base-1lora", "gae"), ("1base-2lora", "gae"), pytest.param("2base-2lora", "gae", marks=SLOW),
+    pytest.param("separate", "gae", marks=SLOW), ("1base-1lora", "grpo")])
 def test_ppo_in_bf16(in_process, spy, tmp_path, rm_run, arrangement, advantage):
     spy_ppo(spy)
     extra = ["--set", f"ppo.advantage={advantage}"]
