@@ -1,4 +1,5 @@
-"""Hand freed heap memory back to the operating system between phases of work (glibc).
+"""Memory: the figures every metrics row carries (`memory_metrics`: RSS, and peak CUDA memory
+on a GPU), and handing freed heap back to the operating system between phases (glibc).
 
 glibc keeps freed blocks in the process (and raises its mmap threshold as big blocks come
 and go), so RSS stays at the high-water mark of every earlier phase. PPO alternates phases
