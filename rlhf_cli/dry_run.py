@@ -18,6 +18,10 @@ out = Console()
 def show_dry_run(recipe: Recipe, resume: bool = False) -> None:
     from pathlib import Path
 
+    if recipe.launch.deepspeed:  # a typo here would otherwise show only once workers start
+        from .preflight import read_deepspeed_json
+
+        read_deepspeed_json(recipe.launch.deepspeed)
     out.rule("resolved recipe")
     out.print(Syntax(config.dump_recipe(recipe), "yaml", background_color="default"))
     argv = launcher.worker_argv(recipe.launch, str(Path(recipe.output_dir) / RECIPE), resume=resume)

@@ -43,6 +43,23 @@ def _read_json(path: Path, key: str) -> dict:
     return value
 
 
+def read_deepspeed_json(path: Path | str, key: str = "launch.deepspeed") -> dict:
+    """The DeepSpeed config as a dict; a parse error names the file, line and column.
+
+    Called in the launching process (preflight, --dry-run) as well as by each worker, so a
+    typo is one `error:` line before torchrun starts N processes that would each hit it.
+    """
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}", where=key) from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} line {exc.lineno} column {exc.colno}: {exc.msg}", where=key) from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object", where=key)
+    return value
+
+
 def _check_reward_model(spec: str, key: str = "ppo.reward_model") -> None:
     """An RM run (its final/ holds a SEQ_CLS adapter) or a sequence-classifier model directory
     (`rlhf merge-lora` of an RM run), as PPO's build step reads it."""
@@ -85,6 +102,8 @@ def preflight(recipe: Recipe) -> None:
     if recipe.launch.deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise UserError("launch.deepspeed is set but deepspeed is not installed: "
                         "pip install 'rlhf-cli[deepspeed]'")
+    if recipe.launch.deepspeed:
+        read_deepspeed_json(recipe.launch.deepspeed)
     for key, spec in (("train.eval_reward_fn", recipe.train.eval_reward_fn),
                       ("ppo.reward_fn", recipe.ppo.reward_fn)):
         if spec and spec.partition(":")[0].endswith(".py"):

@@ -14,7 +14,6 @@ recipe values, and the schedule then drives that optimizer's param groups.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from ..config import micro_batching
 from ..errors import UserError
+from ..preflight import read_deepspeed_json
 from ..schema import Recipe, TrainSection
 from .backend import Backend, local_rank
 
@@ -99,11 +99,7 @@ def _fill_optimizer(config: dict, train: TrainSection, on_cpu: bool) -> None:
 
 def deepspeed_config(recipe: Recipe, world_size: int, on_cpu: bool = True) -> dict:
     """The user's JSON with every "auto" resolved from the recipe (pure)."""
-    path = Path(recipe.launch.deepspeed)
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read DeepSpeed config: {exc}", where=WHERE) from None
+    config = read_deepspeed_json(recipe.launch.deepspeed, WHERE)
     train = recipe.train
     micro, accumulation = micro_batching(recipe)
     _fill_auto(config, "train_micro_batch_size_per_gpu", micro)

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..schema import Recipe
 from .batching import GlobalBatches
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .memory import memory_metrics
 from .metrics import MetricsLogger, MetricWindow
 from .optim import build_optimizer, build_scheduler
 from .progress import TrainingProgress
@@ -64,15 +65,6 @@ class _StopRequest:
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
-
-
-def _rss_mb() -> float | None:
-    """This process's resident memory, for the `rss_mb` metric (flat over a healthy run)."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return psutil.Process().memory_info().rss / 2**20
 
 
 @dataclass
@@ -243,9 +235,7 @@ class Trainer:
                f"{self.task.weight_name}_per_sec": rate}
         if self.skipped_steps:
             row["skipped_steps"] = self.skipped_steps
-        rss = _rss_mb()
-        if rss is not None:
-            row["rss_mb"] = round(rss, 1)
+        row.update(memory_metrics())
         self.logger.log(row)
         self.window.reset()
         self._window_weight, self._window_seconds = 0.0, 0.0

@@ -1,4 +1,5 @@
-"""Hand freed heap memory back to the operating system between phases of work (glibc).
+"""Memory: the figures every metrics row carries (`memory_metrics`: RSS, and peak CUDA memory
+on a GPU), and handing freed heap back to the operating system between phases (glibc).
 
 glibc keeps freed blocks in the process (and raises its mmap threshold as big blocks come
 and go), so RSS stays at the high-water mark of every earlier phase. PPO alternates phases
@@ -33,3 +34,30 @@ def release_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def _rss_mb() -> float | None:
+    """This process's resident memory (flat over a healthy run)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _cuda_peak_mb() -> float | None:
+    """The most CUDA memory this process's tensors have held at once, since it started.
+
+    Only where CUDA is in use: asking an uninitialised CUDA would start a context (~500 MiB).
+    """
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def memory_metrics() -> dict[str, float]:
+    """`rss_mb` and, on a GPU, `cuda_peak_mb`, for every metrics row (scripts/gpu_check.sh reads them)."""
+    found = {"rss_mb": _rss_mb(), "cuda_peak_mb": _cuda_peak_mb()}
+    return {key: round(value, 1) for key, value in found.items() if value is not None}

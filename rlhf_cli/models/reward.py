@@ -24,7 +24,9 @@ def scores_from_states(model, hidden: torch.Tensor, attention_mask) -> torch.Ten
     """Scalar reward per row [B]: the score head on the last real token's state."""
     last = last_token_index(attention_mask)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return inner_causal_lm(model).score(picked).squeeze(-1).float()
+    score = inner_causal_lm(model).score
+    # The head may be float32 on a bf16 body (load_sequence_classifier): it reads float32 states.
+    return score(picked.to(next(score.parameters()).dtype)).squeeze(-1).float()
 
 
 def score_sequences(model, input_ids, attention_mask) -> torch.Tensor:
@@ -116,4 +118,7 @@ def load_sequence_classifier(section: ModelSection, source: str, pad_token_id: i
         raise UserError(f"{type(model).__name__} has no `score` head; reward models need a "
                         "LLaMA-style *ForSequenceClassification class")
     decoder_of(model, "a reward model")  # the score reads the body's states: an error without one
+    # The head trains (and is the PPO critic's start): float32 on a bf16/fp16 body, as peft
+    # keeps LoRA's weights, so that AdamW's small updates are not rounded away.
+    model.score.float()
     return model

@@ -35,6 +35,7 @@ from .common import say, tokenizer_for
 from .saving import save_final_model
 
 REWARD_STATS = "reward_stats.json"
+TRAIN_STATS_PAIRS = 512  # without data.eval, the stored statistics come from this many training pairs
 
 
 class RewardObjective(torch.nn.Module):
@@ -166,13 +167,21 @@ def run_rm(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dict
     last_eval = trainer.run()
     stats_row = last_eval
     if not stats_row:  # no eval data: the statistics come from training pairs
-        trainer.task.eval_examples = train_pairs[:512]
+        trainer.task.eval_examples = train_pairs[:TRAIN_STATS_PAIRS]
         stats_row = trainer.evaluate(trainer.total_steps, log=False)
     stats = json.dumps(reward_stats(stats_row, "eval" if last_eval else "train"), indent=1)
     final = save_final_model(backend, trainer.model, lambda m: m.rm, tokenizer, run_dir / FINAL,
                              prefix="rm.", extra_files={REWARD_STATS: stats})
     if backend.is_main:
         plot_run(run_dir)
-        held_out = f": accuracy {stats_row['accuracy']:.3f} on {len(eval_pairs)} held-out pairs"
-        say(backend, f"saved {final}" + (held_out if last_eval else ""))
+        origin = stats_origin(stats_row, eval_pairs if last_eval else None, train_pairs)
+        say(backend, f"saved {final}: {origin}")
     return {k: v for k, v in last_eval.items() if k not in ("step", "split")}
+
+
+def stats_origin(row: dict, eval_pairs: list | None, train_pairs: list) -> str:
+    """Which pairs the stored accuracy and reward statistics were measured on."""
+    if eval_pairs is not None:
+        return f"accuracy {row['accuracy']:.3f} on {len(eval_pairs)} held-out pairs"
+    counted = min(len(train_pairs), TRAIN_STATS_PAIRS)
+    return f"accuracy {row['accuracy']:.3f} on {counted} training pairs (no data.eval)"

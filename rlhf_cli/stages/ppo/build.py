@@ -103,10 +103,6 @@ def _check_tokenizer(rm_dir, tokenizer, trust_remote_code: bool = False) -> None
                         "scores the policy's token ids, so both must share one vocabulary", where=WHERE)
 
 
-def _dtype_of(model) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 def _set_trainable(peft_model, adapter: str) -> None:
     for name, param in peft_model.named_parameters():
         if f".{adapter}." in name:
@@ -117,7 +113,7 @@ def _one_base(recipe: Recipe, actor, rm_dir, two_lora: bool, critic: bool) -> Ar
     reward_head, value_head = None, zero_head(actor.config.hidden_size) if critic else None
     if rm_dir is not None:
         head = add_rm_adapter(actor, rm_dir, REWARD)
-        reward_head = linear_head_from(head, False, _dtype_of(actor.get_base_model()))
+        reward_head = linear_head_from(head, False)
         value_head = linear_head_from(head, True) if critic else None
     if not two_lora:
         return OneBaseOneLora(actor, value_head, reward_head)
@@ -149,7 +145,7 @@ def _two_base(recipe: Recipe, actor, rm_dir, critic: bool) -> Arrangement:
         rm_body, head = peft_with_rm_adapter(_load_rm_base(recipe, adapter_base(rm_dir)), rm_dir, REWARD,
                                              trainable=False)
         return TwoBase(actor, rm_body, None,
-                       linear_head_from(head, False, _dtype_of(rm_body.get_base_model())))
+                       linear_head_from(head, False))
     if rm_dir is None:  # reward function: the second base is the policy's, with a fresh critic
         body = load_causal_lm(recipe.model)
         rm_body = get_peft_model(body, lora_config(recipe.model.lora), adapter_name=CRITIC)
@@ -157,7 +153,7 @@ def _two_base(recipe: Recipe, actor, rm_dir, critic: bool) -> Arrangement:
     rm_body, head = peft_with_rm_adapter(_load_rm_base(recipe, adapter_base(rm_dir)), rm_dir, CRITIC,
                                          trainable=True)
     add_rm_adapter(rm_body, rm_dir, REWARD)  # only ever used under no_grad
-    reward_head = linear_head_from(head, False, _dtype_of(rm_body.get_base_model()))
+    reward_head = linear_head_from(head, False)
     return TwoBase(actor, rm_body, linear_head_from(head, True), reward_head)
 
 
@@ -166,10 +162,12 @@ def _sequence_classifier(recipe: Recipe, source: str):
     from ...models.reward import sequence_classifier
 
     try:
-        return sequence_classifier(source, torch_dtype(recipe.model.dtype), recipe.model.trust_remote_code)
+        model = sequence_classifier(source, torch_dtype(recipe.model.dtype), recipe.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the reward model {source}: {str(exc).splitlines()[0]}",
                         where=WHERE) from None
+    model.score.float()  # scores in float32 on any body, as `rlhf rm` trains them (models/reward.py)
+    return model
 
 
 def _separate(recipe: Recipe, actor, rm_dir, rm_kind, with_critic: bool) -> Arrangement:

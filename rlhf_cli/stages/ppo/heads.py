@@ -75,8 +75,8 @@ def sequence_reward(model, head: torch.nn.Linear, input_ids, attention_mask) -> 
 def linear_head_from(weight: torch.Tensor, trainable: bool, dtype=torch.float32) -> torch.nn.Linear:
     """A bias-free [H -> 1] head holding a copy of `weight` (a clone, never a view).
 
-    A reward head keeps its body's dtype (scores equal the RM's own); a trainable value
-    head is float32.
+    Float32 for both: a trainable value head, and a reward head, whose RM scores with a float32
+    head on any body (models/reward.py), so that the reward equals the RM's own score.
     """
     head = torch.nn.Linear(weight.shape[1], 1, bias=False, dtype=dtype)
     with torch.no_grad():

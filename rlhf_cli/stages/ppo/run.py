@@ -24,7 +24,7 @@ from ...data.sources import load_source
 from ...engine.batching import GlobalBatches
 from ...engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ...engine.loop import TrainingInterrupted, _StopRequest
-from ...engine.memory import release_freed_memory
+from ...engine.memory import memory_metrics, release_freed_memory
 from ...engine.metrics import MetricsLogger
 from ...engine.optim import build_scheduler
 from ...engine.plots import plot_run
@@ -166,7 +166,7 @@ class PPORun:
         row = {"step": index + 1, "score": score, "kl": kl, "kl_coef": self.kl.value,
                "response_length": length, "no_eos_share": no_eos, **stats,
                "lr": self.scheduler.get_last_lr()[0], "time_generate": t1 - t0,
-               "time_score": t2 - t1, "time_train": t3 - t2}
+               "time_score": t2 - t1, "time_train": t3 - t2, **memory_metrics()}
         if len(totals) > 5:  # share of prompts whose samples all scored the same (no signal)
             row["frac_reward_zero_std"] = totals[5] * self.ppo.samples_per_prompt / totals[4]
         if self.guard.total:
