@@ -24,5 +24,8 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    for name in ("DeepSpeed", "deepspeed", "accelerate", "torch.distributed", "peft"):
+    # bitsandbytes (imported by peft when installed) warns at import, through `kernels`, that
+    # its optional CPU kernel cannot be fetched offline.
+    for name in ("DeepSpeed", "deepspeed", "accelerate", "torch.distributed", "peft",
+                 "bitsandbytes", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import UserError
 from ..schema import LoraSection, ModelSection
+from .quantization import after_quantized_load, quantized_load_kwargs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -77,13 +78,16 @@ def load_causal_lm(section: ModelSection, source: str | None = None):
     from transformers import AutoModelForCausalLM
 
     source = source or resolve_base(section.base)
-    kwargs = {"dtype": torch_dtype(section.dtype), "trust_remote_code": section.trust_remote_code}
+    dtype = torch_dtype(section.dtype)
+    kwargs = {"dtype": dtype, "trust_remote_code": section.trust_remote_code,
+              **quantized_load_kwargs(section.quantization, dtype)}
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model {section.base}: {_first_line(exc)}") from None
+    after_quantized_load(model)
     if section.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

@@ -8,6 +8,7 @@ from ..errors import UserError
 from ..schema import ModelSection
 from .lm_forward import decoder_of, inner_causal_lm, position_ids_from
 from .loading import torch_dtype
+from .quantization import after_quantized_load, quantized_load_kwargs
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -79,13 +80,15 @@ def load_sequence_classifier(section: ModelSection, source: str, pad_token_id: i
     """The base as `AutoModelForSequenceClassification` with one label (a fresh head)."""
     from transformers import AutoModelForSequenceClassification
 
+    dtype = torch_dtype(section.dtype)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, dtype=torch_dtype(section.dtype),
-            trust_remote_code=section.trust_remote_code,
+            source, num_labels=1, dtype=dtype, trust_remote_code=section.trust_remote_code,
+            **quantized_load_kwargs(section.quantization, dtype),
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load {section.base} as a reward model: {str(exc).splitlines()[0]}") from None
+    after_quantized_load(model)
     # Saved with the model so that plain transformers batches score the right token.
     model.config.pad_token_id = pad_token_id
     if not hasattr(model, "score"):

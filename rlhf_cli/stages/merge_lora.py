@@ -15,6 +15,7 @@ import torch
 from ..engine.progress import console
 from ..engine.run_dir import FINAL
 from ..errors import UserError
+from ..models.quantization import after_quantized_load, dequantized, read_quantization_record
 
 # Merging changes the order of floating-point operations; fp32 stays well inside this.
 LOGITS_ATOL = 1e-3
@@ -45,7 +46,10 @@ def _auto_class(task_type: str | None):
     return transformers.AutoModelForCausalLM
 
 
-def _load_base(adapter_config: dict):
+def _load_base(adapter_config: dict, quantization=None):
+    """The adapter's base in fp32; for a QLoRA adapter (`quantization` is the bitsandbytes
+    config it was trained under) the base is quantized as in training, then dequantized, so
+    the merged weights are the ones the adapter learned against, not the originals."""
     from transformers import AutoConfig
 
     base = adapter_config.get("base_model_name_or_path")
@@ -62,7 +66,11 @@ def _load_base(adapter_config: dict):
     kwargs = {"dtype": torch.float32}
     if adapter_config.get("task_type") == "SEQ_CLS":
         kwargs["num_labels"] = 1
-    return base, auto.from_pretrained(base, **kwargs)
+    if quantization is None:
+        return base, auto.from_pretrained(base, **kwargs)
+    model = auto.from_pretrained(base, quantization_config=quantization, **kwargs)
+    after_quantized_load(model)
+    return base, dequantized(model, torch.float32)
 
 
 def _sample_input(tokenizer, model) -> dict:
@@ -88,7 +96,7 @@ def merge_lora(source: str, out: Path, *, overwrite: bool = False) -> Path:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty: pass --overwrite or choose another --out")
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base_name, base = _load_base(adapter_config)
+    base_name, base = _load_base(adapter_config, read_quantization_record(adapter_dir))
     tokenizer = None
     if (adapter_dir / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)

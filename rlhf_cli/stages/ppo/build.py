@@ -159,14 +159,18 @@ def _sequence_classifier(recipe: Recipe, source: str):
     from transformers import AutoModelForSequenceClassification
 
     from ...models.loading import torch_dtype
+    from ...models.quantization import after_quantized_load, quantized_load_kwargs
 
+    dtype = torch_dtype(recipe.model.dtype)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, dtype=torch_dtype(recipe.model.dtype),
-            trust_remote_code=recipe.model.trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=1, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code,
+            **quantized_load_kwargs(recipe.model.quantization, dtype))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the reward model {source}: {str(exc).splitlines()[0]}",
                         where=WHERE) from None
+    after_quantized_load(model)
+    return model
 
 
 def _separate(recipe: Recipe, actor, rm_dir, rm_kind, with_critic: bool) -> Arrangement:
