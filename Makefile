@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==$(TORCH_VERSION)
 	# deepspeed's setup.py imports torch: build it against the torch already installed.
-	$(BIN)/pip install -q --no-build-isolation -e ".[deepspeed,tensorboard,dev,bench]"
+	$(BIN)/pip install -q --no-build-isolation -e ".[deepspeed,tensorboard,dev,bench,qlora]"
 	touch $(STAMP)
 
 # The default suite: unit, equivalence and end-to-end tests on the tiny model (~10 min on 2

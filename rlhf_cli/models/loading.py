@@ -137,7 +137,11 @@ def is_quantized(config) -> bool:
 
 
 def _numel(param) -> int:
-    # Under ZeRO-3 a partitioned parameter is empty here; DeepSpeed keeps its real size.
+    # Under ZeRO-3 a partitioned parameter is empty here; DeepSpeed keeps its real size. A
+    # 4-bit weight packs two values a byte; its quantization state keeps the real shape.
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None:
+        return quant_state.shape.numel()
     return getattr(param, "ds_numel", None) or param.numel()
 
 
