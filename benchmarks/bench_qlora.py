@@ -69,6 +69,12 @@ def weight_bytes_in_child(args, work: Path, side: str) -> dict:
     return json.loads(lines[-1])
 
 
+def side_recipe(args, side: str, prompts: Path, rm_dir: Path) -> str:
+    """bench_ppo's PPO recipe with this side's model.quantization."""
+    side_args = argparse.Namespace(**{**vars(args), "quantization": SIDES[side]})
+    return bench_ppo.ppo_recipe(side_args, ARRANGEMENT, prompts, rm_dir)
+
+
 def prepare(args, work: Path) -> dict[str, Path]:
     """The prompts file and one recipe per side (bench_ppo's, with model.quantization set)."""
     from rlhf_cli.builtin.model import materialize
@@ -82,11 +88,9 @@ def prepare(args, work: Path) -> dict[str, Path]:
     prompts = work / "prompts.jsonl"
     write_jsonl(prompts, rows)
     recipes = {}
-    for side, quantization in SIDES.items():
-        side_args = argparse.Namespace(**{**vars(args), "quantization": quantization})
+    for side in SIDES:
         recipes[side] = work / f"ppo-{side}.yaml"
-        recipes[side].write_text(bench_ppo.ppo_recipe(side_args, ARRANGEMENT, prompts, work / "rm"),
-                                 encoding="utf-8")
+        recipes[side].write_text(side_recipe(args, side, prompts, work / "rm"), encoding="utf-8")
     return recipes
 
 
