@@ -5,7 +5,9 @@
 Both sides run bench_ppo.py's PPO run (same HH prompts, reward model, sizes, seed and LoRA) on
 `builtin:large` (374M, 32000-entry vocabulary) in `model.dtype: bf16`; one side loads the base in
 nf4 with double quantization (computing in bf16). The reward model is one LoRA RM run on the
-unquantized bf16 base, made first (the 4-bit side puts that adapter on its 4-bit body).
+unquantized bf16 base, made first or given with `--reward-model` (the 4-bit side puts that
+adapter on its 4-bit body). Run it with the repository first on PYTHONPATH when the installed
+`rlhf` is another checkout.
 
 Per side: the time per PPO iteration after `--warmup-iterations` untimed ones (as metrics.jsonl
 splits it), the process's peak RSS (ru_maxrss, loading included) and the largest RSS sampled
@@ -90,7 +92,8 @@ def prepare(args, work: Path) -> dict[str, Path]:
     recipes = {}
     for side in SIDES:
         recipes[side] = work / f"ppo-{side}.yaml"
-        recipes[side].write_text(side_recipe(args, side, prompts, work / "rm"), encoding="utf-8")
+        recipes[side].write_text(side_recipe(args, side, prompts, args.reward_model or work / "rm"),
+                                 encoding="utf-8")
     return recipes
 
 
@@ -149,9 +152,12 @@ def main(argv=None) -> int:
             for side, recipe in recipes.items():
                 print(f"{side}:", " ".join(bench_ppo.ppo_argv(recipe, work / f"{side}-run0")))
             return 0
-        print(f"reward model: {args.rm_steps} steps of `rlhf rm` on builtin:{args.model} ({args.dtype}) ...",
-              flush=True)
-        _, rm_info = bench_ppo.train_rm(args, work)  # into work/rm, which the recipes name
+        if args.reward_model:
+            rm_info = {"given": str(args.reward_model)}
+        else:
+            print(f"reward model: {args.rm_steps} steps of `rlhf rm` on builtin:{args.model} "
+                  f"({args.dtype}) ...", flush=True)
+            _, rm_info = bench_ppo.train_rm(args, work)  # into work/rm, which the recipes name
         load_before = loadavg()
         per = {side: summarize(runs) for side, runs in run_sides(args, work, recipes).items()}
         weights = {side: weight_bytes_in_child(args, work, side) for side in SIDES}

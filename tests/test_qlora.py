@@ -268,8 +268,16 @@ def test_merged_qlora_model_is_dequantized_base_plus_adapter_in_plain_transforme
 @needs_bnb
 @pytest.mark.slow
 def test_qlora_rm_and_dpo(qlora_rm, work):
+    import bitsandbytes as bnb
+
+    from rlhf_cli.stages.eval_models import load_for_eval
+
     assert (qlora_rm / "final" / QUANTIZATION_FILE).is_file()
     assert all(r["loss"] == r["loss"] for r in train_rows(qlora_rm))
+    # `rlhf eval` scores with the model as trained: the adapter on its 4-bit base.
+    loaded = load_for_eval(str(qlora_rm))
+    assert loaded.kind == "reward_model"
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules())
     proc = rlhf("dpo", "--recipe", str(RECIPES / "tiny-dpo.yaml"), *FOUR_BIT, "-o", "dpo",
                 "--set", "data.train=builtin:sort:train:512", "--set", "data.eval=null",
                 "--set", "data.max_length=32", "--set", "train.log_every=1", "--set", "train.max_steps=3",

@@ -59,14 +59,17 @@ def quantized_load_kwargs(kind: str | None, compute_dtype: torch.dtype) -> dict:
     if kind is None:
         return {}
     require_bitsandbytes()
+    return {"quantization_config": bnb_config(kind, compute_dtype), **_device_map()}
+
+
+def _device_map() -> dict:
     import torch
 
-    kwargs = {"quantization_config": bnb_config(kind, compute_dtype)}
-    if torch.cuda.is_available():
-        # bitsandbytes models cannot be moved after loading (8-bit refuses `.to`): load each
-        # process's copy straight onto its own GPU.
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    return kwargs
+    if not torch.cuda.is_available():
+        return {}
+    # bitsandbytes models cannot be moved after loading (8-bit refuses `.to`): load each
+    # process's copy straight onto its own GPU.
+    return {"device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
 
 
 def after_quantized_load(model) -> None:
@@ -111,6 +114,13 @@ def read_quantization_record(directory: Path):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig.from_dict(json.loads(path.read_text()))
+
+
+def recorded_load_kwargs(directory: Path) -> dict:
+    """`from_pretrained` arguments that load an adapter's base as it was trained: quantized
+    as its `quantization.json` says, or ({}) as it is."""
+    quantization = read_quantization_record(directory)
+    return {} if quantization is None else {"quantization_config": quantization, **_device_map()}
 
 
 def dequantized(model, dtype: torch.dtype):

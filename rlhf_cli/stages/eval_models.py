@@ -13,6 +13,7 @@ from ..engine.run_dir import FINAL, RECIPE
 from ..errors import UserError
 from ..models.lm_forward import sequence_logprobs
 from ..models.loading import load_tokenizer, resolve_base
+from ..models.quantization import after_quantized_load, recorded_load_kwargs
 from ..models.reward import score_sequences
 
 
@@ -67,9 +68,11 @@ def _run_base(source: str) -> str | None:
 
 def _load(auto_class, source: str, **kwargs):
     try:
-        return auto_class.from_pretrained(source, **kwargs)
+        model = auto_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load {source}: {str(exc).strip().splitlines()[0]}") from None
+    after_quantized_load(model)
+    return model
 
 
 def load_for_eval(source: str, reference: str | None = None) -> LoadedModel:
@@ -86,11 +89,12 @@ def load_for_eval(source: str, reference: str | None = None) -> LoadedModel:
         # again if its cache was cleared); a bare adapter directory only has its config.
         run_base = _run_base(source)
         base = resolve_base(run_base) if run_base else adapter["base_model_name_or_path"]
+        as_trained = recorded_load_kwargs(path)  # a QLoRA adapter gets its quantized base back
         if adapter.get("task_type") == "SEQ_CLS":
-            body = _load(AutoModelForSequenceClassification, base, num_labels=1)
+            body = _load(AutoModelForSequenceClassification, base, num_labels=1, **as_trained)
             model = PeftModel.from_pretrained(body, str(path)).eval()
             return LoadedModel("reward_model", model, tokenizer)
-        body = _load(AutoModelForCausalLM, base)
+        body = _load(AutoModelForCausalLM, base, **as_trained)
         return LoadedModel("policy", PeftModel.from_pretrained(body, str(path)).eval(), tokenizer)
     config = _load(AutoConfig, str(path))
     if _is_classifier(config):
