@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
-EXTRAS := deepspeed,tensorboard,dev,bench
+EXTRAS := deepspeed,tensorboard,dev,bench,qlora
 # The versions the test suite last passed with (pip constraints; torch is pinned above instead,
 # so GPU users keep their own CUDA build). `make upgrade` refreshes it.
 LOCK := constraints.txt

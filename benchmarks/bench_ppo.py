@@ -53,8 +53,9 @@ RM_ROWS = 200
 COUNTER = Path(__file__).resolve()  # `--count-held RECIPE` re-runs this file in a child
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The options of this bench (bench_qlora.py takes the same and adds its own)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--model", default="base", help="built-in model size (default: %(default)s)")
     p.add_argument("--arrangements", nargs="+", default=list(ARRANGEMENTS), choices=ARRANGEMENTS)
@@ -80,6 +81,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ppo.micro_batch_size in every arrangement (default: unset, one forward a minibatch)")
     p.add_argument("--no-count", action="store_true", help="skip counting what each arrangement holds")
     p.add_argument("--count-held", type=Path, help=argparse.SUPPRESS)  # internal: one recipe, in a child
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="model.dtype of the RM and every PPO run (default: %(default)s)")
+    p.add_argument("--quantization", choices=("4bit", "8bit"),
+                   help="model.quantization of every PPO run (default: none; the RM is never quantized)")
+    return p
+
+
+def parse_args(argv=None, p: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    p = p or build_parser()
     args = p.parse_args(argv)
     if args.count_held is None and not 0 <= args.warmup_iterations < args.iterations:
         p.error("--warmup-iterations must be >= 0 and below --iterations")
@@ -119,7 +129,7 @@ def rm_recipe(args, pairs: Path) -> str:
     return f"""stage: rm
 model:
   base: builtin:{args.model}
-  dtype: fp32
+  dtype: {args.dtype}
   lora: {lora_yaml(args)}
 data:
   train: {json.dumps(str(pairs))}
@@ -144,7 +154,8 @@ def ppo_recipe(args, arrangement: str, prompts: Path, rm_dir: Path) -> str:
     return f"""stage: ppo
 model:
   base: builtin:{args.model}
-  dtype: fp32
+  dtype: {args.dtype}
+  quantization: {args.quantization or "null"}
   lora: {lora_yaml(args)}
   gradient_checkpointing: {str(args.gradient_checkpointing).lower()}
 data:

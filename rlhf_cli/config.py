@@ -248,6 +248,10 @@ def _cross_checks(recipe: Recipe, loc: _Located) -> None:
         raise UserError(
             "needs evaluation prompts: set `data.eval`", where=loc.where("train.eval_reward_fn")
         )
+    if recipe.model.quantization and recipe.model.lora is None:
+        raise UserError("a quantized base cannot be fine-tuned in full (its weights are frozen "
+                        "integers): set model.lora, or model.quantization: null",
+                        where=loc.where("model.quantization"))
     if recipe.stage == "ppo":
         _ppo_checks(recipe, loc)
 

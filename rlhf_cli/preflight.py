@@ -92,6 +92,22 @@ def _check_remote_code(spec: str, trust_remote_code: bool) -> None:
     check_trust(str(path / "final" if (path / "final").is_dir() else path), trust_remote_code)
 
 
+def _check_quantization(recipe: Recipe) -> None:
+    """bitsandbytes must be importable, and ZeRO-3 cannot shard its packed weights."""
+    if not recipe.model.quantization:
+        return
+    from .models.quantization import require_bitsandbytes
+
+    require_bitsandbytes()
+    if recipe.launch.deepspeed:
+        config = _read_json(Path(recipe.launch.deepspeed), "launch.deepspeed")
+        stage = (config.get("zero_optimization") or {}).get("stage", 0)
+        if str(stage) == "3":
+            raise UserError("ZeRO-3 partitions every weight across processes, and bitsandbytes' packed "
+                            "4-bit/8-bit weights cannot be partitioned: use ZeRO-2 (or no DeepSpeed) "
+                            "with a quantized base", where="model.quantization")
+
+
 def preflight(recipe: Recipe) -> None:
     _check_data(recipe.data.train, "data.train")
     _check_data(recipe.data.eval, "data.eval")
@@ -109,6 +125,7 @@ def preflight(recipe: Recipe) -> None:
         if spec and spec.partition(":")[0].endswith(".py"):
             if not Path(spec.partition(":")[0]).is_file():
                 raise UserError(f"reward function file not found: {spec}", where=key)
+    _check_quantization(recipe)
     if recipe.stage == "ppo" and recipe.ppo.reward_model:
         _check_reward_model(recipe.ppo.reward_model)
     from .worker import STAGE_RUNNERS

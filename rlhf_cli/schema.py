@@ -15,6 +15,8 @@ TEMPLATES = ("plain", "alpaca", "llama2", "chatml", "tokenizer")
 DATA_FORMATS = ("auto", "alpaca", "prompt_response", "messages")
 LAUNCHERS = ("auto", "none", "torchrun", "accelerate")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# bitsandbytes: 4bit = nf4 with double quantization (QLoRA), 8bit = LLM.int8.
+QUANTIZATIONS = ("4bit", "8bit")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto")
 PPO_ARRANGEMENTS = ("separate", "2base-2lora", "1base-2lora", "1base-1lora")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -42,6 +44,7 @@ class ModelSection:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
+    quantization: str | None = None  # null | 4bit | 8bit: the frozen base, LoRA on top
 
 
 @dataclass
@@ -188,6 +191,7 @@ class Recipe:
 CHOICES: dict[str, tuple[str, ...]] = {
     "stage": STAGES,
     "model.dtype": DTYPES,
+    "model.quantization": QUANTIZATIONS,
     "data.format": DATA_FORMATS,
     "data.template": TEMPLATES,
     "train.schedule": SCHEDULES,

@@ -41,3 +41,14 @@ def test_recipes_the_benches_write_are_valid(tmp_path):
         recipe = build_recipe(yaml.safe_load(text))
         assert recipe.model.lora.dropout == (0.05 if recipe.stage == "sft" else 0.0)
     assert build_recipe(yaml.safe_load(texts[1])).dpo.precompute_ref is True
+
+
+def test_the_qlora_bench_writes_a_4bit_and_a_bf16_recipe(tmp_path):
+    import bench_qlora
+
+    args = bench_qlora.parse_args([])
+    assert (args.model, args.dtype, args.quantization) == ("large", "bf16", None)
+    for side, quantization in bench_qlora.SIDES.items():
+        text = bench_qlora.side_recipe(args, side, tmp_path / "p.jsonl", tmp_path / "rm")
+        recipe = build_recipe(yaml.safe_load(text))
+        assert (recipe.model.quantization, recipe.model.dtype) == (quantization, "bf16"), side

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import UserError
 from ..schema import LoraSection, ModelSection
+from .quantization import after_quantized_load, quantized_load_kwargs
 from .remote_code import check_trust, refusal
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,7 +80,9 @@ def load_causal_lm(section: ModelSection, source: str | None = None):
 
     source = source or resolve_base(section.base)
     check_trust(source, section.trust_remote_code)  # before transformers prompts on the terminal
-    kwargs = {"dtype": torch_dtype(section.dtype), "trust_remote_code": section.trust_remote_code}
+    dtype = torch_dtype(section.dtype)
+    kwargs = {"dtype": dtype, "trust_remote_code": section.trust_remote_code,
+              **quantized_load_kwargs(section.quantization, dtype)}
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
     try:
@@ -87,6 +90,7 @@ def load_causal_lm(section: ModelSection, source: str | None = None):
     except (OSError, ValueError) as exc:
         error = refusal(exc, source) or UserError(f"cannot load model {section.base}: {_first_line(exc)}")
         raise error from None
+    after_quantized_load(model)
     if section.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
@@ -136,7 +140,11 @@ def is_quantized(config) -> bool:
 
 
 def _numel(param) -> int:
-    # Under ZeRO-3 a partitioned parameter is empty here; DeepSpeed keeps its real size.
+    # Under ZeRO-3 a partitioned parameter is empty here; DeepSpeed keeps its real size. A
+    # 4-bit weight packs two values a byte; its quantization state keeps the real shape.
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None:
+        return quant_state.shape.numel()
     return getattr(param, "ds_numel", None) or param.numel()
 
 

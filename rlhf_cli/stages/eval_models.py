@@ -13,6 +13,7 @@ from ..engine.run_dir import FINAL, RECIPE
 from ..errors import UserError
 from ..models.lm_forward import sequence_logprobs
 from ..models.loading import load_tokenizer, resolve_base
+from ..models.quantization import after_quantized_load, recorded_load_kwargs
 from ..models.reward import score_sequences, sequence_classifier
 
 
@@ -74,10 +75,12 @@ def _run_trusts_remote_code(source: str) -> bool:
 def _load(auto_class, source: str, **kwargs):
     try:
         if auto_class is None:  # a reward model: transformers' classifier or ScoredCausalLM
-            return sequence_classifier(source, None, kwargs.get("trust_remote_code", False))
-        return auto_class.from_pretrained(source, **kwargs)
+            return sequence_classifier(source, None, **kwargs)
+        model = auto_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load {source}: {str(exc).strip().splitlines()[0]}") from None
+    after_quantized_load(model)
+    return model
 
 
 def load_for_eval(source: str, reference: str | None = None) -> LoadedModel:
@@ -95,11 +98,12 @@ def load_for_eval(source: str, reference: str | None = None) -> LoadedModel:
         # again if its cache was cleared); a bare adapter directory only has its config.
         run_base = _run_base(source)
         base = resolve_base(run_base) if run_base else adapter["base_model_name_or_path"]
+        as_trained = recorded_load_kwargs(path)  # a QLoRA adapter gets its quantized base back
         if adapter.get("task_type") == "SEQ_CLS":
-            body = _load(None, base, trust_remote_code=trust)
+            body = _load(None, base, trust_remote_code=trust, **as_trained)
             model = PeftModel.from_pretrained(body, str(path)).eval()
             return LoadedModel("reward_model", model, tokenizer)
-        body = _load(AutoModelForCausalLM, base, trust_remote_code=trust)
+        body = _load(AutoModelForCausalLM, base, trust_remote_code=trust, **as_trained)
         return LoadedModel("policy", PeftModel.from_pretrained(body, str(path)).eval(), tokenizer)
     # trust_remote_code is passed even when False: transformers then refuses at once instead of
     # asking on the terminal.

@@ -15,6 +15,7 @@ import torch
 from ..engine.progress import console
 from ..engine.run_dir import FINAL, RECIPE
 from ..errors import UserError
+from ..models.quantization import after_quantized_load, dequantized, read_quantization_record
 from ..models.remote_code import check_trust, code_files
 
 # Merging changes the order of floating-point operations; fp32 stays well inside this.
@@ -63,7 +64,10 @@ def _check_classifier_exists(config, base: str) -> None:
                         "model: use the RM run itself (PPO and `rlhf eval` load its adapter)")
 
 
-def _load_base(adapter_config: dict, trust_remote_code: bool = False):
+def _load_base(adapter_config: dict, trust_remote_code: bool = False, quantization=None):
+    """The adapter's base in fp32; for a QLoRA adapter (`quantization` is the bitsandbytes
+    config it was trained under) the base is quantized as in training, then dequantized, so
+    the merged weights are the ones the adapter learned against, not the originals."""
     from transformers import AutoConfig
 
     base = adapter_config.get("base_model_name_or_path")
@@ -82,7 +86,11 @@ def _load_base(adapter_config: dict, trust_remote_code: bool = False):
     if adapter_config.get("task_type") == "SEQ_CLS":
         _check_classifier_exists(config, base)
         kwargs["num_labels"] = 1
-    return base, auto.from_pretrained(base, **kwargs)
+    if quantization is None:
+        return base, auto.from_pretrained(base, **kwargs)
+    model = auto.from_pretrained(base, quantization_config=quantization, **kwargs)
+    after_quantized_load(model)
+    return base, dequantized(model, torch.float32)
 
 
 def _sample_input(tokenizer, model) -> dict:
@@ -118,7 +126,7 @@ def merge_lora(source: str, out: Path, *, overwrite: bool = False) -> Path:
         raise UserError(f"{out} exists and is not empty: pass --overwrite or choose another --out")
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     trust_remote_code = _run_trusts_remote_code(adapter_dir)
-    base_name, base = _load_base(adapter_config, trust_remote_code)
+    base_name, base = _load_base(adapter_config, trust_remote_code, read_quantization_record(adapter_dir))
     tokenizer = None
     if (adapter_dir / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)

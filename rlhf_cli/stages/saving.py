@@ -6,6 +6,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from ..models.quantization import write_quantization_record
+
 
 def _strip_prefix(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -27,6 +29,7 @@ def save_final_model(backend, model, get_lm: Callable, tokenizer, final_dir: Pat
         lm.save_pretrained(str(tmp), state_dict=_strip_prefix(state, prefix),
                            safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        write_quantization_record(lm, tmp)  # merge-lora rebuilds the base the adapter saw
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         shutil.rmtree(final_dir, ignore_errors=True)

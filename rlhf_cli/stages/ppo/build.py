@@ -159,10 +159,13 @@ def _two_base(recipe: Recipe, actor, rm_dir, critic: bool) -> Arrangement:
 
 def _sequence_classifier(recipe: Recipe, source: str):
     from ...models.loading import torch_dtype
+    from ...models.quantization import quantized_load_kwargs
     from ...models.reward import sequence_classifier
 
+    dtype = torch_dtype(recipe.model.dtype)
     try:
-        model = sequence_classifier(source, torch_dtype(recipe.model.dtype), recipe.model.trust_remote_code)
+        model = sequence_classifier(source, dtype, recipe.model.trust_remote_code,
+                                    **quantized_load_kwargs(recipe.model.quantization, dtype))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the reward model {source}: {str(exc).splitlines()[0]}",
                         where=WHERE) from None

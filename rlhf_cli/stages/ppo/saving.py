@@ -12,6 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from ...models.quantization import write_quantization_record
 from ..saving import _strip_prefix
 
 VALUE_HEAD = "value_head.safetensors"
@@ -26,6 +27,7 @@ def _write_policy(actor, state: dict, tokenizer, final_dir: Path, with_head: boo
     actor.save_pretrained(str(tmp), selected_adapters=["default"],
                           state_dict=_strip_prefix(state, "actor."), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
+    write_quantization_record(actor, tmp)  # merge-lora rebuilds the base the adapter saw
     head = {k: v.detach().cpu().contiguous() for k, v in _strip_prefix(state, "value_head.").items()}
     if with_head and head:
         save_file(head, str(tmp / VALUE_HEAD))
