@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..saving import _strip_prefix
+from ...engine.final_model import strip_prefix
 
 VALUE_HEAD = "value_head.safetensors"
 ONLINE_SUFFIX = "-online"
@@ -24,9 +24,9 @@ def _write_policy(actor, state: dict, tokenizer, final_dir: Path, with_head: boo
     shutil.rmtree(tmp, ignore_errors=True)
     # Only the policy adapter: the reward/critic adapters are not part of the result.
     actor.save_pretrained(str(tmp), selected_adapters=["default"],
-                          state_dict=_strip_prefix(state, "actor."), safe_serialization=True)
+                          state_dict=strip_prefix(state, "actor."), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
-    head = {k: v.detach().cpu().contiguous() for k, v in _strip_prefix(state, "value_head.").items()}
+    head = {k: v.detach().cpu().contiguous() for k, v in strip_prefix(state, "value_head.").items()}
     if with_head and head:
         save_file(head, str(tmp / VALUE_HEAD))
     shutil.rmtree(final_dir, ignore_errors=True)
