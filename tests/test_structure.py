@@ -163,6 +163,10 @@ def test_the_checks_find_what_they_look_for():
     crossing = {f"{ROOT}.stages.dpo": {f"{ROOT}.stages.rm", f"{ROOT}.data.loaders"},
                 f"{ROOT}.stages.ppo.run": {f"{ROOT}.stages.ppo.ptx"}}
     assert cross_stage_imports(crossing) == [f"{ROOT}.stages.dpo -> {ROOT}.stages.rm"]
+    layered = {f"{ROOT}.engine.loop": {f"{ROOT}.stages.sft", f"{ROOT}.data.collate"},
+               f"{ROOT}.stages.sft": {f"{ROOT}.cli", f"{ROOT}.models.policy", f"{ROOT}.schema"}}
+    assert layering_breaks(layered) == [f"{ROOT}.engine.loop -> {ROOT}.stages.sft",
+                                        f"{ROOT}.stages.sft -> {ROOT}.cli"]
 
 
 def test_no_import_circle():
@@ -173,6 +177,26 @@ def test_no_import_circle():
 
 def test_no_stage_imports_another_stage():
     assert cross_stage_imports(import_graph()) == []
+
+
+# What a stage is built on: the four layers, and the recipe, its errors and the reward
+# functions it names. The layers never reach up into a stage.
+LAYERS = {"algorithms", "data", "engine", "models"}
+BELOW_STAGES = LAYERS | {"config", "schema", "errors", "rewards"}
+
+
+def layering_breaks(graph: dict[str, set[str]]) -> list[str]:
+    """Layer modules importing a stage, and stage modules importing anything but what's below."""
+    def top(module: str) -> str:
+        return module.split(".")[1] if "." in module else ""
+
+    return sorted(f"{m} -> {o}" for m, others in graph.items() for o in others
+                  if (top(m) in LAYERS and stage_of(o))
+                  or (stage_of(m) and not stage_of(o) and top(o) not in BELOW_STAGES))
+
+
+def test_stages_stand_on_the_layers_and_no_layer_imports_a_stage():
+    assert layering_breaks(import_graph()) == []
 
 
 def test_no_module_over_300_lines():
