@@ -56,7 +56,7 @@ def _fail(exc: UserError, debug: bool) -> None:
 
 def _train(stage: str, recipe: Path, overrides: list[str] | None, output_dir: str | None,
            dry_run: bool, resume: bool, overwrite: bool, debug: bool) -> None:
-    from . import config, launcher
+    from . import config
 
     debug = _debug_wanted(debug)
     try:
@@ -68,7 +68,7 @@ def _train(stage: str, recipe: Path, overrides: list[str] | None, output_dir: st
 
             show_dry_run(resolved, resume=resume)
             return
-        from .engine.run_dir import RECIPE, discard_untrained_run, prepare_run_dir, write_atomic
+        from .engine.run_dir import RECIPE, discard_untrained_run, prepare_run_dir
         from .preflight import preflight
 
         preflight(resolved)
@@ -76,29 +76,10 @@ def _train(stage: str, recipe: Path, overrides: list[str] | None, output_dir: st
         run_dir = prepare_run_dir(resolved.output_dir, resume=resume, overwrite=overwrite)
         recipe_file = run_dir / RECIPE
         if resume and recipe_file.is_file():
-            # The run continues as its recipe.yaml says; a changed key would silently not
-            # apply (and would make the resumed run differ from an uninterrupted one).
-            changed = config.changed_keys(config.load_resolved(recipe_file), resolved)
-            if changed:
-                raise UserError(f"--resume continues the run recorded in {recipe_file}, but "
-                                f"this command changes {', '.join(changed)}: drop the changes, "
-                                "or start a new run in another --output-dir")
+            _check_resumed_recipe(recipe_file, resolved)
         code = None
         try:
-            if not resume or not recipe_file.is_file():
-                try:
-                    write_atomic(recipe_file, config.dump_recipe(resolved))
-                except OSError as exc:
-                    raise UserError(f"cannot write {recipe_file}: {exc.strerror}") from None
-            argv = launcher.worker_argv(resolved.launch, str(recipe_file), resume=resume)
-            os.environ["RLHF_COMMAND"] = shlex.join(["rlhf", *sys.argv[1:]])
-            if launcher.needs_launcher(resolved.launch):
-                typer.echo(f"launching: {launcher.format_argv(argv)}", err=True)
-                code = _run_ignoring_ctrl_c(launcher.run, argv)
-            else:
-                from .worker import run_worker
-
-                code = run_worker(str(recipe_file), resume=resume, debug=debug)
+            code = _start(resolved, recipe_file, resume, debug)
         finally:
             if code != 0 and not resume:
                 # A fresh run that stopped before training anything (bad data, say) has
@@ -109,6 +90,38 @@ def _train(stage: str, recipe: Path, overrides: list[str] | None, output_dir: st
         _fail(exc, debug)
     if code:
         raise typer.Exit(code)
+
+
+def _check_resumed_recipe(recipe_file: Path, resolved) -> None:
+    """The run continues as its recipe.yaml says; a changed key would silently not apply
+    (and would make the resumed run differ from an uninterrupted one)."""
+    from . import config
+
+    changed = config.changed_keys(config.load_resolved(recipe_file), resolved)
+    if changed:
+        raise UserError(f"--resume continues the run recorded in {recipe_file}, but "
+                        f"this command changes {', '.join(changed)}: drop the changes, "
+                        "or start a new run in another --output-dir")
+
+
+def _start(resolved, recipe_file: Path, resume: bool, debug: bool) -> int:
+    """Write the run's recipe.yaml (a fresh run's), then train here or launch the workers."""
+    from . import config, launcher
+    from .engine.run_dir import write_atomic
+
+    if not resume or not recipe_file.is_file():
+        try:
+            write_atomic(recipe_file, config.dump_recipe(resolved))
+        except OSError as exc:
+            raise UserError(f"cannot write {recipe_file}: {exc.strerror}") from None
+    argv = launcher.worker_argv(resolved.launch, str(recipe_file), resume=resume)
+    os.environ["RLHF_COMMAND"] = shlex.join(["rlhf", *sys.argv[1:]])
+    if launcher.needs_launcher(resolved.launch):
+        typer.echo(f"launching: {launcher.format_argv(argv)}", err=True)
+        return _run_ignoring_ctrl_c(launcher.run, argv)
+    from .worker import run_worker
+
+    return run_worker(str(recipe_file), resume=resume, debug=debug)
 
 
 def _run_ignoring_ctrl_c(run, argv: list[str]) -> int:

@@ -45,36 +45,26 @@ def _rows(recipe: Recipe, kind: str, n: int) -> list:
 
 
 def _sft_examples(recipe: Recipe, tokenizer, n: int) -> list[dict]:
-    from .data.sft import build_sft_dataset, loss_on_every_token
+    from .data.loaders import sft_examples  # as training will see them
 
-    examples, _ = build_sft_dataset(_rows(recipe, "sft", n), tokenizer, recipe.data.template,
-                                    recipe.data.max_length, recipe.data.max_prompt_length,
-                                    source=recipe.data.train)
-    if not recipe.sft.completion_only:  # as training will see them (stages/sft.py)
-        examples = loss_on_every_token(examples)
-    return examples[:n]
+    return sft_examples(_rows(recipe, "sft", n), recipe, tokenizer, recipe.data.train)[0][:n]
 
 
 def _preference_examples(recipe: Recipe, tokenizer, n: int) -> list[dict]:
-    from .data.preference import build_preference_dataset
+    from .data.loaders import pair_examples
 
-    examples, _ = build_preference_dataset(_rows(recipe, "preference", n), tokenizer,
-                                           recipe.data.template, recipe.data.max_length,
-                                           recipe.data.max_prompt_length, source=recipe.data.train)
-    return examples[:n]
+    return pair_examples(_rows(recipe, "preference", n), recipe, tokenizer, recipe.data.train)[0][:n]
 
 
 def _unpaired_examples(recipe: Recipe, tokenizer, n: int) -> list[dict] | None:
     """KTO's unpaired rows (`prompt`/`completion`/`label`), or None for paired data."""
-    from .data.unpaired import build_unpaired_dataset
-    from .stages.kto import is_unpaired
+    from .data.loaders import unpaired_examples
+    from .data.unpaired import is_unpaired
 
     rows = _rows(recipe, "preference", n)
     if recipe.stage != "dpo" or recipe.dpo.loss_type != "kto" or not is_unpaired(rows):
         return None
-    examples, _ = build_unpaired_dataset(rows, tokenizer, recipe.data.template, recipe.data.max_length,
-                                         recipe.data.max_prompt_length, source=recipe.data.train)
-    return examples[:n]
+    return unpaired_examples(rows, recipe, tokenizer, recipe.data.train)[0][:n]
 
 
 def _prompt_examples(recipe: Recipe, tokenizer, n: int) -> list[dict]:
@@ -98,7 +88,7 @@ def show_preview(recipe: Recipe, n: int, as_json: bool) -> None:
     unpaired rows as sft's plus `label`.
     """
     from .data import preview
-    from .stages.common import tokenizer_for
+    from .models.policy import tokenizer_for
 
     tokenizer = tokenizer_for(recipe)
     if recipe.stage == "sft":

@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import UserError
 from .models.remote_code import check_trust
 from .schema import Recipe
+from .stages import STAGE_RUNNERS
 
 
 def _check_data(spec: str | None, key: str) -> None:
@@ -128,7 +129,5 @@ def preflight(recipe: Recipe) -> None:
     _check_quantization(recipe)
     if recipe.stage == "ppo" and recipe.ppo.reward_model:
         _check_reward_model(recipe.ppo.reward_model)
-    from .worker import STAGE_RUNNERS
-
     if recipe.stage not in STAGE_RUNNERS:
         raise UserError(f"`rlhf {recipe.stage}` is not implemented yet")

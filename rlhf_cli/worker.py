@@ -14,13 +14,7 @@ from pathlib import Path
 
 from .errors import EXIT_USER_ERROR, UserError
 from .launcher import ERROR_FILE_ENV
-
-STAGE_RUNNERS = {
-    "sft": "rlhf_cli.stages.sft:run_sft",
-    "rm": "rlhf_cli.stages.rm:run_rm",
-    "dpo": "rlhf_cli.stages.dpo:run_dpo",
-    "ppo": "rlhf_cli.stages.ppo.run:run_ppo",
-}
+from .stages import STAGE_RUNNERS
 
 
 def stage_runner(stage: str):
@@ -37,7 +31,7 @@ def _train(recipe_file: str, resume: bool) -> None:
     from transformers import set_seed
 
     from .config import load_resolved
-    from .engine.backend import make_backend
+    from .engine.backends import make_backend
     from .engine.run_dir import finish_run_info, write_run_info
 
     recipe = load_resolved(recipe_file)

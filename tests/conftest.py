@@ -53,7 +53,7 @@ def rm_run(rlhf_home, tmp_path_factory) -> Path:
     import torch
 
     from rlhf_cli.config import load_recipe
-    from rlhf_cli.stages.common import tokenizer_for
+    from rlhf_cli.models.policy import tokenizer_for
     from rlhf_cli.stages.rm import reward_model
 
     recipe = load_recipe(REPO / "recipes" / "tiny-rm.yaml", ["model.lora.dropout=0.3"])

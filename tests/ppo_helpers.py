@@ -55,7 +55,7 @@ def base_logprobs(recipe, ro) -> torch.Tensor:
 
 def rm_own_scores(rm_run: Path, input_ids, attention_mask) -> torch.Tensor:
     """The RM scored as `rlhf eval` loads and scores it (peft on a sequence classifier)."""
-    from rlhf_cli.stages.eval_models import load_for_eval
+    from rlhf_cli.stages.evaluate.loaded import load_for_eval
 
     return load_for_eval(str(rm_run)).rewards(input_ids, attention_mask)
 

@@ -219,8 +219,8 @@ def test_a_bf16_reward_models_trainable_weights_are_float32(rlhf_home):
     """The score head trains with LoRA; in bf16 AdamW's small late updates would round away
     (bf16 keeps 8 bits of mantissa), so every trainable weight is float32, as peft makes LoRA's."""
     from rlhf_cli.config import load_recipe
+    from rlhf_cli.models.policy import tokenizer_for
     from rlhf_cli.models.reward import score_sequences
-    from rlhf_cli.stages.common import tokenizer_for
     from rlhf_cli.stages.rm import reward_model
 
     recipe = load_recipe(REPO / "recipes" / "tiny-rm.yaml", ["model.dtype=bf16"])

@@ -109,7 +109,7 @@ def test_hh_ppo_prompts_are_the_whole_dialogue(tok, hh_rows):
 
 
 def test_eval_scoring_sees_hh_prompts_as_ppo_does(hh_rows):
-    from rlhf_cli.stages.scoring import prompt_text as scored_prompt
+    from rlhf_cli.engine.scoring import prompt_text as scored_prompt
 
     tok = build_tokenizer()
     for row in hh_rows[:5]:

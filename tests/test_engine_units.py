@@ -85,7 +85,7 @@ def test_gradient_checkpointing_recomputes_the_same_lora_gradients(rlhf_home):
 
     from rlhf_cli.config import load_recipe
     from rlhf_cli.models.lm_forward import sequence_logprobs
-    from rlhf_cli.stages.common import policy_model
+    from rlhf_cli.models.policy import policy_model
 
     ids = torch.tensor([[1, 40, 41, 42, 43, 2], [1, 50, 51, 2, 3, 3]])
     mask = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])

@@ -149,7 +149,7 @@ def test_preference_report_by_hand():
 
 
 def test_calibration_bins_by_hand():
-    from rlhf_cli.stages.eval_report import calibration_bins
+    from rlhf_cli.stages.evaluate.report import calibration_bins
 
     # σ(margin): margins 0 -> 0.5 (bin 5), 10 -> ~1 (bin 9), -10 -> ~0 (bin 0).
     bins = calibration_bins([0.0, 10.0, -10.0, 0.1], [0.0, 0.0, 0.0, 0.0])

@@ -15,9 +15,9 @@ import torch
 from cli_helpers import REPO, eval_rows, rlhf, train_rows
 
 from rlhf_cli.data.sft import IGNORE_INDEX as IGN
+from rlhf_cli.data.unpaired import UnpairedView
 from rlhf_cli.schema import DPOSection
-from rlhf_cli.stages.kto import (
-    UnpairedView,
+from rlhf_cli.stages.dpo.kto import (
     collate_unpaired,
     finish_kto_metrics,
     kto_step_loss,

@@ -108,8 +108,8 @@ def test_reward_model_ranks_the_answer_above_every_kind_of_mistake(work, sft_mod
     assert held_out[-1] >= 0.9, held_out
 
     from rlhf_cli.data.preference import build_preference_dataset
-    from rlhf_cli.stages.eval_models import load_for_eval
     from rlhf_cli.stages.evaluate import pair_scores, preference_report, settings_for
+    from rlhf_cli.stages.evaluate.loaded import load_for_eval
 
     loaded, settings = load_for_eval(str(run)), settings_for(str(run), {})
     rng = random.Random(2024)  # not the data's seeds: fresh mistakes on held-out prompts

@@ -12,7 +12,7 @@ from ppo_helpers import RECIPE, OneProcess, rollout_of
 
 from rlhf_cli.config import load_recipe
 from rlhf_cli.errors import UserError
-from rlhf_cli.stages.common import tokenizer_for
+from rlhf_cli.models.policy import tokenizer_for
 from rlhf_cli.stages.ppo import update as update_module
 from rlhf_cli.stages.ppo.build import build_arrangement
 from rlhf_cli.stages.ppo.ema import EMA_FILE, ActorEMA
@@ -54,13 +54,13 @@ def setup(recipe, seed: int = 0):
 
 
 def test_ptx_data_is_read_as_rlhf_sft_reads_it(rlhf_home):
-    from rlhf_cli.stages.sft import load_examples
+    from rlhf_cli.data.loaders import load_sft
 
     recipe = recipe_with(*PTX)
     tokenizer = tokenizer_for(recipe)
     backend = OneProcess(None, None)
     batches = PtxBatches(recipe, tokenizer, backend)
-    assert batches.examples == load_examples(recipe, tokenizer, "builtin:sort", "data.train", backend)
+    assert batches.examples == load_sft(recipe, tokenizer, "builtin:sort", "data.train", backend)
     first, again, second = batches(0), batches(0), batches(1)
     assert first["input_ids"].shape[0] == 4
     assert all(torch.equal(first[k], again[k]) for k in first)  # a function of the update number

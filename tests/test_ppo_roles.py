@@ -25,7 +25,7 @@ from ppo_helpers import (
 
 from rlhf_cli.config import load_recipe
 from rlhf_cli.errors import UserError
-from rlhf_cli.stages.common import tokenizer_for
+from rlhf_cli.models.policy import tokenizer_for
 from rlhf_cli.stages.ppo.adapters import CRITIC
 from rlhf_cli.stages.ppo.build import build_arrangement
 from rlhf_cli.stages.ppo.experience import build_experience

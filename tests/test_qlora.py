@@ -270,7 +270,7 @@ def test_merged_qlora_model_is_dequantized_base_plus_adapter_in_plain_transforme
 def test_qlora_rm_and_dpo(qlora_rm, work):
     import bitsandbytes as bnb
 
-    from rlhf_cli.stages.eval_models import load_for_eval
+    from rlhf_cli.stages.evaluate.loaded import load_for_eval
 
     assert (qlora_rm / "final" / QUANTIZATION_FILE).is_file()
     assert all(r["loss"] == r["loss"] for r in train_rows(qlora_rm))

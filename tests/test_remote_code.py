@@ -72,9 +72,10 @@ def _greedy_without_cache(lm, ids: list[int], steps: int) -> list[int]:
 
 @torch.no_grad()
 def test_remote_code_model_loads_and_its_normhead_logits_are_what_every_path_uses(baichuan):
+    from rlhf_cli.engine.sampling import generate
     from rlhf_cli.models.lm_forward import position_ids_from, sequence_logprobs
     from rlhf_cli.models.loading import add_lora, load_causal_lm
-    from rlhf_cli.stages.common import generate, tokenizer_for
+    from rlhf_cli.models.policy import tokenizer_for
     from rlhf_cli.stages.ppo.heads import token_logprobs_and_entropy
 
     recipe = _recipe("tiny-sft.yaml", baichuan, "model.trust_remote_code=true")
@@ -149,8 +150,8 @@ def test_transformers_own_refusal_names_the_key_too(baichuan, monkeypatch):
 def test_sft_step_and_reward_model_on_a_remote_code_base(baichuan, in_process, tmp_path):
     """One SFT step through the CLI, and the RM body: the model's code has no
     sequence-classification class, so the RM is its causal LM's body with our score head."""
+    from rlhf_cli.models.policy import tokenizer_for
     from rlhf_cli.models.reward import score_sequences
-    from rlhf_cli.stages.common import tokenizer_for
     from rlhf_cli.stages.rm import reward_model
 
     code = in_process("sft", "--recipe", str(REPO / "recipes" / "tiny-sft.yaml"), "--set",

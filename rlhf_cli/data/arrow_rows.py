@@ -18,7 +18,7 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
-from rlhf_cli.data.file_rows import FileRows
+from rlhf_cli.data.file_rows import FileRows, Rows
 from rlhf_cli.errors import UserError
 
 BATCH_ROWS = 256  # a random read decodes this many rows
@@ -109,8 +109,6 @@ class HubRows(Sequence):
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            from rlhf_cli.data.files import Rows
-
             picked = range(len(self))[index]
             return Rows([self[i] for i in picked], [self.locations[i] for i in picked])
         return self.dataset[range(len(self))[index]]

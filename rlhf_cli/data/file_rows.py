@@ -1,11 +1,22 @@
 """What the file-backed row sequences share (JSON lines, JSON arrays, CSV, Arrow spools): equality with
 any sequence of the same rows, no hashing, a short repr, closing the file; and the
-`file:LINE` locations of line-based formats, computed rather than stored."""
+`file:LINE` locations of line-based formats, computed rather than stored.
+
+`Rows`, the in-memory list a slice of any of them returns, lives here rather than in
+files.py, which imports every format: the formats then import nothing that imports them."""
 
 from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
+
+
+class Rows(list):
+    """A list of row dicts plus `locations[i]`, a human-readable origin of row i."""
+
+    def __init__(self, rows: list[dict], locations: list[str]):
+        super().__init__(rows)
+        self.locations = locations
 
 
 class FileRows(Sequence):
@@ -20,8 +31,6 @@ class FileRows(Sequence):
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            from rlhf_cli.data.files import Rows  # files.py imports this module
-
             picked = range(len(self))[index]
             return Rows([self[i] for i in picked], [self.locations[i] for i in picked])
         return self._row(range(len(self))[index])  # negative indices; IndexError out of range

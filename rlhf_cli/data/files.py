@@ -30,14 +30,6 @@ SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class Rows(list):
-    """A list of row dicts plus `locations[i]`, a human-readable origin of row i."""
-
-    def __init__(self, rows: list[dict], locations: list[str]):
-        super().__init__(rows)
-        self.locations = locations
-
-
 class JsonlRows(FileRows):
     """The rows of a .jsonl (or .jsonl.gz) file, parsed on demand.
 

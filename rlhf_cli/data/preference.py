@@ -18,30 +18,25 @@ lengths cannot fit) is skipped and counted by reason in the `DropReport`.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from enum import Enum
 from typing import Any
 
 from rlhf_cli.data.hh import hh_conversation, hh_split, is_verbatim, transcript_prompt
-from rlhf_cli.data.lazy import LazyExamples, located, with_location
+from rlhf_cli.data.lazy import LazyExamples, with_location
+from rlhf_cli.data.pair_tokens import encode_answers, fit_lengths, shared_prompt
 from rlhf_cli.data.sft import (
     IGNORE_INDEX,
     DropReason,
     DropReport,
     _check_lengths,
     _text,
-    _truncate_response,
     messages_of,
-    truncate_prompt,
 )
 from rlhf_cli.data.templates import (
     ASSISTANT,
     HUMAN,  # noqa: F401 (re-exported: callers read the HH markers here)
     Template,
-    Token,
-    encode_segments,
     get_template,
-    render_prompt,
     user_text,
 )
 from rlhf_cli.errors import UserError
@@ -186,9 +181,9 @@ def tokenize_pair(prompt_conversation: list[dict], chosen: str, rejected: str, t
         template = get_template(template)
     if not chosen.strip() or not rejected.strip():
         return DropReason.EMPTY_RESPONSE
-    sides = _encode_sides(prompt_conversation, [chosen, rejected], tokenizer, template)
-    prompt, responses = _shared_prompt(*sides)
-    fitted = _fit(prompt, responses, ["chosen response", "rejected response"], tokenizer,
+    sides = encode_answers(prompt_conversation, [chosen, rejected], tokenizer, template)
+    prompt, responses = shared_prompt(*sides)
+    fitted = fit_lengths(prompt, responses, ["chosen response", "rejected response"], tokenizer,
                   max_length, max_prompt_length)
     if not isinstance(fitted, tuple):
         return fitted
@@ -201,65 +196,6 @@ def tokenize_pair(prompt_conversation: list[dict], chosen: str, rejected: str, t
         return PairDrop.IDENTICAL
     out["truncated"] = truncated
     return out
-
-
-def _fit(prompt: list[Token], responses: list[list[Token]], names: list[str], tokenizer: Any,
-         max_length: int, max_prompt_length: int | None) -> tuple | DropReason:
-    """SFT's truncation on a shared prompt: (prompt, responses, names of the cut parts), or why
-    the row cannot fit."""
-    truncated = []
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt = truncate_prompt(prompt, max_prompt_length, tokenizer.bos_token_id)
-        if prompt is None:
-            return DropReason.MARKER_TOO_LONG
-        truncated.append("prompt")
-    fitted = []
-    for name, response in zip(names, responses, strict=True):
-        if len(prompt) + len(response) > max_length:
-            response = _truncate_response(response, max_length - len(prompt),
-                                          tokenizer.eos_token_id)
-            if response is None:
-                return DropReason.NO_ROOM
-            truncated.append(name)
-        fitted.append(response)
-    return prompt, fitted, truncated
-
-
-def _encode_sides(conversation: list[dict], answers: list[str], tokenizer: Any,
-                  template: Template) -> list[list[Token]]:
-    prompt_segments = render_prompt(template, conversation, tokenizer)
-    return [_encode_side(conversation, a, prompt_segments, tokenizer, template) for a in answers]
-
-
-def _encode_side(conversation: list[dict], answer: str, prompt_segments: list, tokenizer: Any,
-                 template: Template) -> list[Token]:
-    """Tokens of prompt + answer, encoded as one text (as at inference), loss on the answer only."""
-    segments = template.render([*conversation, {"role": "assistant", "content": answer}], tokenizer)
-    n = len(prompt_segments)
-    if segments[:n] != prompt_segments:
-        raise UserError(f"template {template.name!r} renders the prompt differently once an "
-                        "answer follows, so the answer cannot be located; use another template")
-    context = [replace(s, train=False) for s in segments[:n]]
-    tokens = encode_segments(context + segments[n:], tokenizer)
-    return tokens[: max(i for i, t in enumerate(tokens) if t.train) + 1]
-
-
-def _shared_prompt(chosen: list[Token], rejected: list[Token]
-                   ) -> tuple[list[Token], list[list[Token]]]:
-    """The prompt both sides start with, and the rest of each side (all trained).
-
-    Normally the prompt is everything before the first trained token, the same on both sides. A
-    tokenizer may merge the marker's last characters with an answer's first ones (a "\\n\\n"
-    token); then the prompt is the common token prefix and the differing tokens are scored as
-    part of the answers, so both sides are conditioned on exactly the same ids.
-    """
-    firsts = [next(i for i, t in enumerate(side) if t.train) for side in (chosen, rejected)]
-    shared = 0
-    while shared < min(firsts) and chosen[shared].id == rejected[shared].id:
-        shared += 1
-    rests = [[t._replace(train=True) for t in side[shared:first]] + side[first:]
-             for side, first in zip((chosen, rejected), firsts, strict=True)]
-    return chosen[:shared], rests
 
 
 # ---------------------------------------------------------------- datasets
@@ -291,12 +227,6 @@ def build_preference_dataset(rows: list[dict], tokenizer: Any, template: str, ma
     report = DropReport(total=len(rows))
     examples = LazyExamples.build(rows, source, make, report)
     return examples, _finish(report, examples, source)
-
-
-def located_rows(rows: list[dict], source: str):
-    """(where, row) pairs: "file.jsonl:12" when the rows know their origin, else "source row i"."""
-    for _, where, row in located(rows, source):
-        yield where, row
 
 
 def _finish(report: DropReport, examples, source: str) -> DropReport:

@@ -1,21 +1,22 @@
 """Unpaired (KTO) rows: `prompt` (or `instruction`), `completion`, `label`.
 
-Kept apart from the paired formats in preference.py, whose encoding helpers it reuses.
+Kept apart from the paired formats in preference.py, whose row parsing it reuses; encoded as
+one answer after its prompt (pair_tokens.py). Also preference pairs seen as unpaired examples
+(`UnpairedView`), KTO's other input.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from rlhf_cli.data.lazy import LazyExamples
+from rlhf_cli.data.pair_tokens import encode_answers, fit_lengths, shared_prompt
 from rlhf_cli.data.preference import (
     Drop,
     PairDrop,
-    _encode_sides,
     _finish,
-    _fit,
     _response,
-    _shared_prompt,
     prompt_text,
     prompt_turns,
     with_location,
@@ -36,9 +37,9 @@ def tokenize_completion(prompt_conversation: list[dict], completion: str, tokeni
         template = get_template(template)
     if not completion.strip():
         return DropReason.EMPTY_RESPONSE
-    (side,) = _encode_sides(prompt_conversation, [completion], tokenizer, template)
-    prompt, responses = _shared_prompt(side, side)
-    fitted = _fit(prompt, responses[:1], ["response"], tokenizer, max_length, max_prompt_length)
+    (side,) = encode_answers(prompt_conversation, [completion], tokenizer, template)
+    prompt, responses = shared_prompt(side, side)
+    fitted = fit_lengths(prompt, responses[:1], ["response"], tokenizer, max_length, max_prompt_length)
     if not isinstance(fitted, tuple):
         return fitted
     prompt, (response,), truncated = fitted
@@ -87,3 +88,31 @@ def build_unpaired_dataset(rows: list[dict], tokenizer: Any, template: str, max_
     report = DropReport(total=len(rows))
     examples = LazyExamples.build(rows, source, make, report)
     return examples, _finish(report, examples, source)
+
+
+class UnpairedView(Sequence):
+    """Preference pairs seen as unpaired examples: 2i is pair i's chosen, 2i+1 its rejected.
+
+    A view, not a copy, so that lazily tokenized pair data stays lazy.
+    """
+
+    def __init__(self, pairs, positions: range | None = None):
+        self.pairs = pairs
+        self.positions = range(2 * len(pairs)) if positions is None else positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # a view too: evaluation slices its shard per batch
+            return UnpairedView(self.pairs, self.positions[index])
+        position = self.positions[index]
+        side = "chosen" if position % 2 == 0 else "rejected"
+        pair = self.pairs[position // 2]
+        return {"input_ids": pair[f"{side}_input_ids"], "labels": pair[f"{side}_labels"],
+                "label": side == "chosen"}
+
+
+def is_unpaired(rows) -> bool:
+    first = rows[0] if len(rows) else {}
+    return isinstance(first, dict) and "completion" in first and "label" in first

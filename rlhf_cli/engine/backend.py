@@ -150,13 +150,5 @@ class AccelerateBackend(Backend):
         self.optimizer.load_state_dict(state)
 
 
-def make_backend(recipe: Recipe) -> Backend:
-    if recipe.launch.deepspeed:
-        from .deepspeed_backend import DeepSpeedBackend
-
-        return DeepSpeedBackend(recipe)
-    return AccelerateBackend(recipe)
-
-
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))

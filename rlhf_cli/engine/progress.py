@@ -17,6 +17,12 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
+def say(backend, text: str) -> None:
+    """One line on the console, from the main process only."""
+    if backend.is_main:
+        console.print(text, highlight=False)
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

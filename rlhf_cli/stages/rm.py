@@ -19,20 +19,20 @@ import torch
 
 from ..algorithms.preference import pairwise_reward_loss
 from ..data.collate import pad_pairs
-from ..data.preference import build_preference_dataset
-from ..data.sources import load_source
+from ..data.loaders import load_pairs
+from ..engine.final_model import save_final_model
 from ..engine.loop import StageTask, Trainer
 from ..engine.plots import plot_run
+from ..engine.progress import console, say
 from ..engine.run_dir import FINAL
 from ..errors import UserError
 from ..models.dropout import apply_dropout_setting
 from ..models.lm_forward import inner_causal_lm, shifted_targets, token_logprobs
 from ..models.loading import add_lora, count_parameters, resolve_base
 from ..models.logits import LogitTransform
+from ..models.policy import tokenizer_for
 from ..models.reward import base_lm_head, decoder_states, load_sequence_classifier, scores_from_states
 from ..schema import Recipe
-from .common import say, tokenizer_for
-from .saving import save_final_model
 
 REWARD_STATS = "reward_stats.json"
 TRAIN_STATS_PAIRS = 512  # without data.eval, the stored statistics come from this many training pairs
@@ -105,15 +105,6 @@ def rm_loss(model, batch, *, margin: float, center_weight: float, lm_loss_weight
     return losses.sum(), metrics
 
 
-def load_pairs(recipe: Recipe, tokenizer, spec: str, key: str, backend) -> list[dict]:
-    data = recipe.data
-    rows = load_source(spec, "preference", key=key)
-    examples, report = build_preference_dataset(rows, tokenizer, data.template, data.max_length,
-                                                data.max_prompt_length, source=spec)
-    say(backend, f"{key}: {report.summary()}")
-    return examples
-
-
 def reward_model(recipe: Recipe, tokenizer, announce: bool):
     source = resolve_base(recipe.model.base)
     model = load_sequence_classifier(recipe.model, source, tokenizer.pad_token_id)
@@ -127,10 +118,7 @@ def reward_model(recipe: Recipe, tokenizer, announce: bool):
     apply_dropout_setting(model, recipe, announce)
     if announce:
         trainable, total = count_parameters(model)
-        say_text = f"reward model: {recipe.model.base}  trainable {trainable:,} / {total:,}"
-        from ..engine.progress import console
-
-        console.print(say_text)
+        console.print(f"reward model: {recipe.model.base}  trainable {trainable:,} / {total:,}")
     return model
 
 

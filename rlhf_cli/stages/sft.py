@@ -13,16 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from ..data.collate import pad_batch
-from ..data.sft import build_sft_dataset, loss_on_every_token
-from ..data.sources import load_source
+from ..data.loaders import load_sft
+from ..engine.final_model import save_final_model
 from ..engine.loop import StageTask, Trainer
 from ..engine.plots import plot_run
+from ..engine.progress import say
 from ..engine.run_dir import FINAL
+from ..engine.scoring import policy_scorer
 from ..models.lm_forward import selected_logits, shifted_targets
+from ..models.policy import policy_model, tokenizer_for
 from ..schema import Recipe
-from .common import policy_model, say, tokenizer_for
-from .saving import save_final_model
-from .scoring import policy_scorer
 
 
 class SFTObjective(torch.nn.Module):
@@ -46,21 +46,10 @@ def sft_loss(model, batch):
     return model(batch["input_ids"], batch["attention_mask"], batch["labels"]), {}
 
 
-def load_examples(recipe: Recipe, tokenizer, spec: str, key: str, backend) -> list[dict]:
-    data = recipe.data
-    rows = load_source(spec, "sft", key=key)
-    examples, report = build_sft_dataset(rows, tokenizer, data.template, data.max_length,
-                                         data.max_prompt_length, source=spec)
-    say(backend, f"{key}: {report.summary()}")
-    if not recipe.sft.completion_only:
-        examples = loss_on_every_token(examples)
-    return examples
-
-
 def run_sft(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dict:
     tokenizer = tokenizer_for(recipe)
-    train_examples = load_examples(recipe, tokenizer, recipe.data.train, "data.train", backend)
-    eval_examples = (load_examples(recipe, tokenizer, recipe.data.eval, "data.eval", backend)
+    train_examples = load_sft(recipe, tokenizer, recipe.data.train, "data.train", backend)
+    eval_examples = (load_sft(recipe, tokenizer, recipe.data.eval, "data.eval", backend)
                      if recipe.data.eval else None)
     lm = policy_model(recipe, announce=backend.is_main)
     scorer = policy_scorer(recipe, tokenizer, backend)

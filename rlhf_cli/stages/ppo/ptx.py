@@ -9,23 +9,17 @@ shuffled order, cycling through the data: a pure function of u, so resume needs 
 from __future__ import annotations
 
 from ...data.collate import pad_batch
-from ...data.sft import build_sft_dataset, loss_on_every_token
-from ...data.sources import load_source
+from ...data.loaders import load_sft
 from ...engine.batching import GlobalBatches
 from ...schema import Recipe
-from ..common import say
 
 WHERE = "ppo.ptx_data"
 
 
 class PtxBatches:
     def __init__(self, recipe: Recipe, tokenizer, backend):
-        ppo, data = recipe.ppo, recipe.data
-        rows = load_source(ppo.ptx_data, "sft", key=WHERE)
-        examples, report = build_sft_dataset(rows, tokenizer, data.template, data.max_length,
-                                             data.max_prompt_length, source=ppo.ptx_data)
-        say(backend, f"{WHERE}: {report.summary()}")
-        self.examples = examples if recipe.sft.completion_only else loss_on_every_token(examples)
+        ppo = recipe.ppo
+        self.examples = load_sft(recipe, tokenizer, ppo.ptx_data, WHERE, backend)
         self.batches = GlobalBatches(len(self.examples), ppo.ptx_batch_size or ppo.mini_batch_size, 1,
                                      backend.world_size, backend.rank, recipe.train.seed)
         self.pad_token_id, self.device = tokenizer.pad_token_id, backend.device

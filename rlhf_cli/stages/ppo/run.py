@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from ...algorithms.kl import AdaptiveKLController, FixedKLController
-from ...data.prompt_data import build_prompt_dataset
-from ...data.sources import load_source
+from ...data.loaders import load_prompts
 from ...engine.batching import GlobalBatches
 from ...engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ...engine.loop import TrainingInterrupted, _StopRequest
@@ -28,12 +27,12 @@ from ...engine.memory import memory_metrics, release_freed_memory
 from ...engine.metrics import MetricsLogger
 from ...engine.optim import build_scheduler
 from ...engine.plots import plot_run
-from ...engine.progress import TrainingProgress
+from ...engine.progress import TrainingProgress, say
 from ...engine.run_dir import FINAL
-from ...errors import UserError
+from ...engine.scoring import make_task_scorer
+from ...models.policy import tokenizer_for
 from ...rewards import load_reward_fn
 from ...schema import Recipe
-from ..common import say, tokenizer_for
 from .build import build_arrangement
 from .ema import ActorEMA
 from .experience import build_experience, zero_std_share
@@ -76,7 +75,7 @@ class PPORun:
         self.recipe, self.run_dir, self.backend = recipe, Path(run_dir), backend
         self.ppo, self.train = recipe.ppo, recipe.train
         self.tokenizer = tokenizer_for(recipe)
-        self.prompts = self._load_prompts()
+        self.prompts = load_prompts(recipe, self.tokenizer, backend)
         self.ptx = PtxBatches(recipe, self.tokenizer, backend) if self.ppo.ptx_coef > 0 else None
         self.reward_fn = load_reward_fn(self.ppo.reward_fn) if self.ppo.reward_fn else None
         if self.reward_fn is not None and self.ppo.reward_model:
@@ -106,19 +105,7 @@ class PPORun:
         self._saved: tuple[int, Path] | None = None  # the newest checkpoint: (iteration, path)
         self.scorer = None
         if self.train.eval_reward_fn:
-            from ..scoring import make_task_scorer
-
             self.scorer = make_task_scorer(recipe, self.tokenizer, backend)
-
-    def _load_prompts(self) -> list[dict]:
-        data = self.recipe.data
-        rows = load_source(data.train, "prompts")
-        limit = data.max_prompt_length or data.max_length - self.ppo.max_new_tokens
-        if limit < 1:
-            raise UserError("data.max_length leaves no room for ppo.max_new_tokens", where="data.max_length")
-        prompts, report = build_prompt_dataset(rows, self.tokenizer, data.template, limit, source=data.train)
-        say(self.backend, f"data.train: {report.summary()}")
-        return prompts
 
     # ---------------------------------------------------------------- one iteration
     def _scores(self, rollout) -> tuple[torch.Tensor, list[str]]:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from ...engine.final_model import strip_prefix
 from ...models.quantization import write_quantization_record
-from ..saving import _strip_prefix
 
 VALUE_HEAD = "value_head.safetensors"
 ONLINE_SUFFIX = "-online"
@@ -25,10 +25,10 @@ def _write_policy(actor, state: dict, tokenizer, final_dir: Path, with_head: boo
     shutil.rmtree(tmp, ignore_errors=True)
     # Only the policy adapter: the reward/critic adapters are not part of the result.
     actor.save_pretrained(str(tmp), selected_adapters=["default"],
-                          state_dict=_strip_prefix(state, "actor."), safe_serialization=True)
+                          state_dict=strip_prefix(state, "actor."), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     write_quantization_record(actor, tmp)  # merge-lora rebuilds the base the adapter saw
-    head = {k: v.detach().cpu().contiguous() for k, v in _strip_prefix(state, "value_head.").items()}
+    head = {k: v.detach().cpu().contiguous() for k, v in strip_prefix(state, "value_head.").items()}
     if with_head and head:
         save_file(head, str(tmp / VALUE_HEAD))
     shutil.rmtree(final_dir, ignore_errors=True)

@@ -17,7 +17,7 @@ from ..data.sources import load_source
 from ..data.templates import get_template
 from ..rewards import load_reward_fn
 from ..schema import Recipe
-from .common import generate
+from .sampling import generate
 
 
 def prompt_text(conversation: list[dict]) -> str:

@@ -15,18 +15,19 @@ from pathlib import Path
 
 import torch
 
-from ..algorithms.preference import dpo_loss
-from ..data.collate import pad_pairs
-from ..engine.loop import StageTask, Trainer
-from ..engine.plots import plot_run
-from ..engine.run_dir import FINAL
-from ..models.lm_forward import sequence_logprobs
-from ..schema import DPOSection, Recipe
-from .common import policy_model, say, tokenizer_for
+from ...algorithms.preference import dpo_loss
+from ...data.collate import pad_pairs
+from ...data.loaders import load_pairs
+from ...engine.final_model import save_final_model
+from ...engine.loop import StageTask, Trainer
+from ...engine.plots import plot_run
+from ...engine.progress import say
+from ...engine.run_dir import FINAL
+from ...engine.scoring import policy_scorer
+from ...models.lm_forward import sequence_logprobs
+from ...models.policy import policy_model, tokenizer_for
+from ...schema import DPOSection, Recipe
 from .kto import kto_parts
-from .rm import load_pairs
-from .saving import save_final_model
-from .scoring import policy_scorer
 
 REFERENCE_FREE = ("simpo", "orpo")
 

@@ -12,10 +12,10 @@ import contextlib
 
 import torch
 
-from ..data.collate import pad_batch
-from ..errors import UserError
-from ..rewards import load_reward_fn
-from .common import generate
+from ...data.collate import pad_batch
+from ...engine.sampling import generate
+from ...errors import UserError
+from ...rewards import load_reward_fn
 
 
 def prompt_ids_of(example: dict) -> list[int]:
@@ -68,7 +68,7 @@ def make_scorer(loaded, reward_model: str | None, reward_fn: str | None):
         return lambda texts, sequences, responses: fn(texts, responses)
     if not reward_model:
         raise UserError("--generate needs --reward-model or --reward-fn to score the answers")
-    from .eval_models import load_for_eval
+    from .loaded import load_for_eval
 
     judge = load_for_eval(reward_model)
     if judge.kind != "reward_model":

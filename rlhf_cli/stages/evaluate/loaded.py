@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import load_resolved
-from ..engine.run_dir import FINAL, RECIPE
-from ..errors import UserError
-from ..models.lm_forward import sequence_logprobs
-from ..models.loading import load_tokenizer, resolve_base
-from ..models.quantization import after_quantized_load, recorded_load_kwargs
-from ..models.reward import score_sequences, sequence_classifier
+from ...config import load_resolved
+from ...engine.run_dir import FINAL, RECIPE
+from ...errors import UserError
+from ...models.lm_forward import sequence_logprobs
+from ...models.loading import load_tokenizer, resolve_base
+from ...models.quantization import after_quantized_load, recorded_load_kwargs
+from ...models.reward import score_sequences, sequence_classifier
 
 
 @dataclass

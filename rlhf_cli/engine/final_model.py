@@ -9,7 +9,7 @@ from pathlib import Path
 from ..models.quantization import write_quantization_record
 
 
-def _strip_prefix(state: dict, prefix: str) -> dict:
+def strip_prefix(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -26,7 +26,7 @@ def save_final_model(backend, model, get_lm: Callable, tokenizer, final_dir: Pat
         tmp = final_dir.with_name(final_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         lm = get_lm(backend.unwrap(model))
-        lm.save_pretrained(str(tmp), state_dict=_strip_prefix(state, prefix),
+        lm.save_pretrained(str(tmp), state_dict=strip_prefix(state, prefix),
                            safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         write_quantization_record(lm, tmp)  # merge-lora rebuilds the base the adapter saw

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-from ..config import load_resolved
-from ..data.collate import pad_pairs
-from ..data.preference import build_preference_dataset
-from ..data.sources import load_source
-from ..engine.progress import console
-from ..engine.run_dir import FINAL, RECIPE, write_atomic
-from ..errors import UserError
-from .eval_models import LoadedModel, load_for_eval
-from .eval_report import write_markdown, write_plots
+from ...config import load_resolved
+from ...data.collate import pad_pairs
+from ...data.preference import build_preference_dataset
+from ...data.sources import load_source
+from ...engine.progress import console
+from ...engine.run_dir import FINAL, RECIPE, write_atomic
+from ...errors import UserError
+from .loaded import LoadedModel, load_for_eval
+from .report import write_markdown, write_plots
 
 
 @dataclass
@@ -105,7 +105,7 @@ def run_eval(model: str, data: str, *, out: Path | None, reward_model: str | Non
     loaded = load_for_eval(model, reference=reference)
     judge = None
     if generate:
-        from .eval_generate import make_scorer
+        from .generate import make_scorer
 
         if loaded.kind != "policy":
             raise UserError("--generate needs a policy (--model), not a reward model")
@@ -121,7 +121,7 @@ def run_eval(model: str, data: str, *, out: Path | None, reward_model: str | Non
     if loaded.kind == "policy":
         report["beta"] = settings.beta
     if judge is not None:
-        from .eval_generate import generation_report
+        from .generate import generation_report
 
         report["generation"] = generation_report(loaded, examples, settings, judge)
     out = Path(out) if out else _default_out(model)

@@ -12,63 +12,16 @@ unpaired examples each (chosen: desirable, rejected: undesirable).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import partial
 
 import torch
 
-from ..algorithms.preference import kto_loss
-from ..data.collate import pad_batch
-from ..data.sft import IGNORE_INDEX
-from ..data.sources import load_source
-from ..data.unpaired import build_unpaired_dataset
-from ..errors import UserError
-from ..schema import DPOSection, Recipe
-from .common import say
-from .rm import load_pairs
-
-
-class UnpairedView(Sequence):
-    """Preference pairs seen as unpaired examples: 2i is pair i's chosen, 2i+1 its rejected.
-
-    A view, not a copy, so that lazily tokenized pair data stays lazy.
-    """
-
-    def __init__(self, pairs, positions: range | None = None):
-        self.pairs = pairs
-        self.positions = range(2 * len(pairs)) if positions is None else positions
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):  # a view too: evaluation slices its shard per batch
-            return UnpairedView(self.pairs, self.positions[index])
-        position = self.positions[index]
-        side = "chosen" if position % 2 == 0 else "rejected"
-        pair = self.pairs[position // 2]
-        return {"input_ids": pair[f"{side}_input_ids"], "labels": pair[f"{side}_labels"],
-                "label": side == "chosen"}
-
-
-def is_unpaired(rows) -> bool:
-    first = rows[0] if len(rows) else {}
-    return isinstance(first, dict) and "completion" in first and "label" in first
-
-
-def load_unpaired(recipe: Recipe, tokenizer, spec: str, key: str, backend):
-    """Unpaired examples `{"input_ids", "labels", "label"}` from either data format."""
-    data = recipe.data
-    rows = load_source(spec, "preference", key=key)
-    if not is_unpaired(rows):
-        pairs = load_pairs(recipe, tokenizer, spec, key, backend)
-        say(backend, f"{key}: {len(pairs)} pairs used as {2 * len(pairs)} unpaired examples "
-                     "(chosen: desirable, rejected: undesirable)")
-        return UnpairedView(pairs)
-    examples, report = build_unpaired_dataset(rows, tokenizer, data.template, data.max_length,
-                                              data.max_prompt_length, source=spec)
-    say(backend, f"{key}: {report.summary()}")
-    return examples
+from ...algorithms.preference import kto_loss
+from ...data.collate import pad_batch
+from ...data.loaders import load_unpaired
+from ...data.sft import IGNORE_INDEX
+from ...errors import UserError
+from ...schema import DPOSection, Recipe
 
 
 def prompt_length(labels: list[int]) -> int:
