@@ -19,8 +19,9 @@ KL_ESTIMATOR_NAMES = ("k1", "k2", "k3")
 
 @dataclass(frozen=True)
 class Estimator:
-    """What a `ppo.advantage` estimator needs from the run."""
+    """What a `ppo.advantage` estimator is and needs from the run."""
 
+    summary: str  # for `rlhf ppo --dry-run`
     # A critic (value head, value loss, critic learning rate); the others are critic-free.
     needs_critic: bool = False
     # The baseline comes from the other samples of the same prompt: ppo.samples_per_prompt >= 2,
@@ -29,8 +30,8 @@ class Estimator:
 
 
 ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {
-    "gae": Estimator(needs_critic=True),
-    "grpo": Estimator(group_relative=True),
-    "rloo": Estimator(group_relative=True),
-    "reinforce_pp": Estimator(),
+    "gae": Estimator("generalised advantage estimation from the critic's values", needs_critic=True),
+    "grpo": Estimator("each score minus its prompt's mean, over that group's std", group_relative=True),
+    "rloo": Estimator("each score minus the mean of its prompt's other samples", group_relative=True),
+    "reinforce_pp": Estimator("REINFORCE++: discounted returns, whitened over the batch"),
 }
