@@ -90,6 +90,7 @@ class DPOFamilyLoss:
     needs_reference = True
     paired = True  # preference pairs; KTO reads unpaired completions
     smoothable = False  # takes cDPO's label smoothing ε
+    own_keys: dict[str, str] = {}  # the loss's own constructor parameters -> their `dpo.` recipe keys
 
     def __init__(self, beta: float, label_smoothing: float = 0.0) -> None:
         if label_smoothing and not self.smoothable:
@@ -102,7 +103,8 @@ class DPOFamilyLoss:
     @classmethod
     def from_recipe(cls, cfg) -> DPOFamilyLoss:
         """From the `dpo` recipe section: β, ε, and the loss's own keys."""
-        return cls(cfg.beta, cfg.label_smoothing)
+        own = {parameter: getattr(cfg, key) for parameter, key in cls.own_keys.items()}
+        return cls(cfg.beta, cfg.label_smoothing, **own)
 
 
 class _RatioLoss(DPOFamilyLoss):
@@ -176,15 +178,11 @@ class _AveragedLoss(DPOFamilyLoss):
 class SimPOLoss(_AveragedLoss):
     """SimPO: −log σ(β·ā_w − β·ā_l − γ), γ = ``gamma``; ``label_smoothing`` as in cDPO."""
 
-    name, smoothable = "simpo", True
+    name, smoothable, own_keys = "simpo", True, {"gamma": "simpo_gamma"}
 
     def __init__(self, beta: float, label_smoothing: float = 0.0, gamma: float = 0.5) -> None:
         super().__init__(beta, label_smoothing)
         self.gamma = gamma
-
-    @classmethod
-    def from_recipe(cls, cfg) -> DPOFamilyLoss:
-        return cls(cfg.beta, cfg.label_smoothing, gamma=cfg.simpo_gamma)
 
     def losses(self, avg_w: Tensor, avg_l: Tensor, chosen_nll: Tensor | None) -> Tensor:
         return _smoothed_sigmoid_loss(self.beta * (avg_w - avg_l) - self.gamma, self.label_smoothing)
@@ -195,15 +193,11 @@ class ORPOLoss(_AveragedLoss):
     :func:`log_odds`), NLL_w = ``chosen_nll`` [B] (per-token average NLL of y_w, with grad),
     λ = ``orpo_lambda``."""
 
-    name = "orpo"
+    name, own_keys = "orpo", {"orpo_lambda": "orpo_lambda"}
 
     def __init__(self, beta: float, label_smoothing: float = 0.0, orpo_lambda: float = 0.1) -> None:
         super().__init__(beta, label_smoothing)
         self.orpo_lambda = orpo_lambda
-
-    @classmethod
-    def from_recipe(cls, cfg) -> DPOFamilyLoss:
-        return cls(cfg.beta, cfg.label_smoothing, orpo_lambda=cfg.orpo_lambda)
 
     def losses(self, avg_w: Tensor, avg_l: Tensor, chosen_nll: Tensor | None) -> Tensor:
         if chosen_nll is None:
@@ -216,16 +210,12 @@ class KTOLoss(DPOFamilyLoss):
     ``loss(policy_logps, ref_logps, labels, kl)`` -> losses [B]."""
 
     name, paired = "kto", False
+    own_keys = {"desirable_weight": "kto_desirable_weight", "undesirable_weight": "kto_undesirable_weight"}
 
     def __init__(self, beta: float, label_smoothing: float = 0.0, desirable_weight: float = 1.0,
                  undesirable_weight: float = 1.0) -> None:
         super().__init__(beta, label_smoothing)
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
-
-    @classmethod
-    def from_recipe(cls, cfg) -> DPOFamilyLoss:
-        return cls(cfg.beta, cfg.label_smoothing, desirable_weight=cfg.kto_desirable_weight,
-                   undesirable_weight=cfg.kto_undesirable_weight)
 
     def __call__(self, policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl: float | Tensor) -> Tensor:
         return kto_loss(policy_logps, ref_logps, labels, kl, self.beta,
