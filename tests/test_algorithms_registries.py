@@ -70,9 +70,11 @@ def test_a_loss_takes_only_its_own_keys():
     assert preference_loss(DPOSection(loss_type="orpo", orpo_lambda=0.3)).orpo_lambda == 0.3
     kto = preference_loss(DPOSection(loss_type="kto", kto_undesirable_weight=2.0))
     assert not kto.paired and kto.needs_reference and kto.undesirable_weight == 2.0
-    for name in ("hinge", "ipo", "orpo", "kto"):  # no cDPO smoothing for these: refused, not ignored
+    for name in ("hinge", "ipo", "orpo"):  # no cDPO smoothing for these: refused, not ignored
         with pytest.raises(ValueError, match="label_smoothing applies to sigmoid, robust, simpo"):
             preference_loss(DPOSection(loss_type=name, label_smoothing=0.1))
+    # KTO never read it (as before the losses were objects)
+    assert preference_loss(DPOSection(loss_type="kto", label_smoothing=0.1)).label_smoothing == 0.0
 
 
 class CountingObjective(torch.nn.Module):

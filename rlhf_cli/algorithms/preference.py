@@ -102,9 +102,10 @@ class DPOFamilyLoss:
 
     @classmethod
     def from_recipe(cls, cfg) -> DPOFamilyLoss:
-        """From the `dpo` recipe section: β, ε, and the loss's own keys."""
+        """From the `dpo` recipe section: β, ε, and the loss's own keys. ε on a loss without
+        smoothing is refused; KTO (unpaired) has always left `dpo.label_smoothing` unread."""
         own = {parameter: getattr(cfg, key) for parameter, key in cls.own_keys.items()}
-        return cls(cfg.beta, cfg.label_smoothing, **own)
+        return cls(cfg.beta, cfg.label_smoothing if cls.paired else 0.0, **own)
 
 
 class _RatioLoss(DPOFamilyLoss):
