@@ -162,9 +162,9 @@ class PPOSection:
     normalize_reward: bool = False
     no_eos_penalty: float = -1.0
     critic_warmup_steps: int = 0
-    # Advantage estimator: gae (critic + value head) or critic-free grpo, rloo, reinforce_pp.
+    # Advantage estimator; which ones train a critic or compare a prompt's samples: `estimator`.
     advantage: str = choice("gae", ADVANTAGE_ESTIMATORS)
-    # Responses sampled per prompt (each prompt repeated); grpo and rloo need >= 2.
+    # Responses sampled per prompt (each prompt repeated); group-relative estimators need >= 2.
     samples_per_prompt: int = at_least(1, 1)
     # InstructGPT's PPO-ptx: + ptx_coef x the SFT loss on ppo.ptx_data (SFT rows).
     ptx_coef: float = at_least(0.0, 0)
