@@ -8,54 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import UserError
-from .schema import BOUNDS, CHOICES, Recipe
-
-# ----------------------------------------------------------------------------- YAML
-
-
-def _line_map(node: yaml.Node, prefix: str = "") -> dict[str, int]:
-    """Dotted key -> 1-based line number, read from the YAML node tree."""
-    lines: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = f"{prefix}{key_node.value}"
-            lines[key] = key_node.start_mark.line + 1
-            lines.update(_line_map(value_node, key + "."))
-    return lines
-
-
-def read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
-    """Safely parse a recipe file; returns the mapping and where each key is."""
-    if not path.is_file():
-        raise UserError(f"recipe not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        context = getattr(exc, "context_mark", None)
-        if mark is not None and context is not None and mark.index >= len(text.rstrip()):
-            # An unclosed bracket or quote is only noticed at the end of the file, past the
-            # last line; the line that opened it is the one to fix.
-            mark, problem = context, f"{problem} ({exc.context})"
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"invalid YAML: {problem}", where=where) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError("a recipe must be a mapping of sections", where=str(path))
-    return data, (_line_map(node) if node is not None else {})
-
+from .recipe_yaml import read_yaml
+from .schema import Recipe
+from .schema_fields import field_problem
 
 # ----------------------------------------------------------------------- typing
 
@@ -191,109 +156,22 @@ def apply_override(data: dict, key: str, value: Any) -> None:
 # ------------------------------------------------------------------ validation
 
 
-def _get(recipe: Recipe, key: str) -> Any:
-    node: Any = recipe
-    for part in key.split("."):
-        if node is None:
-            return None
-        node = getattr(node, part)
-    return node
+def _field_problems(section: Any, prefix: str) -> Iterator[tuple[str, str]]:
+    """Each key against its own field's description (allowed names, bound), in field order."""
+    for spec in dataclasses.fields(section):
+        key, value = f"{prefix}{spec.name}", getattr(section, spec.name)
+        if dataclasses.is_dataclass(value):
+            yield from _field_problems(value, key + ".")
+        elif (problem := field_problem(spec, value)) is not None:
+            yield key, problem
 
 
 def _validate(recipe: Recipe, loc: _Located) -> None:
-    for key, choices in CHOICES.items():
-        value = _get(recipe, key)
-        if value is not None and value not in choices:
-            raise UserError(
-                f"`{value}` is not one of {', '.join(choices)}", where=loc.where(key)
-            )
-    for key, low, inclusive in BOUNDS:
-        value = _get(recipe, key)
-        if value is None:
-            continue
-        if value < low or (value == low and not inclusive):
-            relation = ">=" if inclusive else ">"
-            raise UserError(f"must be {relation} {low}, got {value}", where=loc.where(key))
-    _cross_checks(recipe, loc)
-
-
-def _cross_checks(recipe: Recipe, loc: _Located) -> None:
-    data, train, launch = recipe.data, recipe.train, recipe.launch
-    if not data.train:
-        raise UserError("missing training data: set `data.train`", where=loc.where("data.train"))
-    if data.max_prompt_length is not None and data.max_prompt_length >= data.max_length:
-        raise UserError(
-            f"must be smaller than data.max_length ({data.max_length})",
-            where=loc.where("data.max_prompt_length"),
-        )
-    if train.eval_every is not None and not data.eval:
-        raise UserError("needs evaluation data: set `data.eval`", where=loc.where("train.eval_every"))
-    if train.warmup_ratio >= 1:
-        raise UserError("must be below 1", where=loc.where("train.warmup_ratio"))
-    if launch.num_machines > 1 and not launch.main_process_ip:
-        raise UserError(
-            "several machines need `launch.main_process_ip`", where=loc.where("launch.num_machines")
-        )
-    if launch.machine_rank >= launch.num_machines:
-        raise UserError("must be below launch.num_machines", where=loc.where("launch.machine_rank"))
-    if launch.deepspeed and not Path(launch.deepspeed).is_file():
-        raise UserError(
-            f"DeepSpeed config not found: {launch.deepspeed}", where=loc.where("launch.deepspeed")
-        )
-    if recipe.stage == "ppo" and not (recipe.ppo.reward_model or recipe.ppo.reward_fn):
-        raise UserError(
-            "PPO needs a reward: set `ppo.reward_model` or `ppo.reward_fn`", where=loc.where("ppo")
-        )
-    if train.eval_reward_fn and not data.eval:
-        raise UserError(
-            "needs evaluation prompts: set `data.eval`", where=loc.where("train.eval_reward_fn")
-        )
-    if recipe.model.quantization and recipe.model.lora is None:
-        raise UserError("a quantized base cannot be fine-tuned in full (its weights are frozen "
-                        "integers): set model.lora, or model.quantization: null",
-                        where=loc.where("model.quantization"))
-    if recipe.stage == "ppo":
-        _ppo_checks(recipe, loc)
-
-
-def _ppo_checks(recipe: Recipe, loc: _Located) -> None:
-    ppo = recipe.ppo
-    if ppo.advantage in ("grpo", "rloo") and ppo.samples_per_prompt < 2:
-        raise UserError(f"{ppo.advantage} compares several samples of each prompt: set it to 2 or more",
-                        where=loc.where("ppo.samples_per_prompt"))
-    critic_free = ppo.advantage != "gae"
-    if critic_free and ppo.arrangement == "1base-2lora":
-        raise UserError(f"ppo.advantage {ppo.advantage} trains no critic, and 1base-2lora's second "
-                        "adapter is the critic: use 1base-1lora", where=loc.where("ppo.arrangement"))
-    if critic_free and ppo.arrangement == "2base-2lora" and not ppo.reward_model:
-        raise UserError(f"ppo.advantage {ppo.advantage} trains no critic, and with a reward function "
-                        "2base-2lora's second base would hold nothing: use 1base-1lora",
-                        where=loc.where("ppo.arrangement"))
-    if critic_free and ppo.critic_warmup_steps:
-        raise UserError(f"ppo.advantage {ppo.advantage} trains no critic to warm up: set it to 0",
-                        where=loc.where("ppo.critic_warmup_steps"))
-    _micro_batch_checks(ppo, loc)
-    if ppo.ptx_coef > 0 and not ppo.ptx_data:
-        raise UserError("needs SFT data for the ptx loss: set `ppo.ptx_data`",
-                        where=loc.where("ppo.ptx_coef"))
-    if ppo.ema_decay is not None and ppo.ema_decay >= 1:
-        raise UserError(f"must be below 1, got {ppo.ema_decay}", where=loc.where("ppo.ema_decay"))
-
-
-def _micro_batch_checks(ppo, loc: _Located) -> None:
-    """Every optimizer step must accumulate the same number of micro-batches (DeepSpeed counts
-    them to find the step): the minibatch divides into micro-batches and the rollout into
-    minibatches."""
-    micro = ppo.micro_batch_size
-    if micro is None or micro == ppo.mini_batch_size:
-        return
-    where = loc.where("ppo.micro_batch_size")
-    if micro > ppo.mini_batch_size or ppo.mini_batch_size % micro:
-        raise UserError(f"{micro} must divide ppo.mini_batch_size ({ppo.mini_batch_size})", where=where)
-    responses = ppo.rollout_batch_size * ppo.samples_per_prompt
-    if responses % ppo.mini_batch_size:
-        raise UserError(f"with micro-batches, ppo.mini_batch_size ({ppo.mini_batch_size}) must divide the "
-                        f"responses of a rollout ({responses} per process)", where=where)
+    """Every key, then each section's checks across keys; the first problem is the error."""
+    sections = (getattr(recipe, spec.name) for spec in dataclasses.fields(recipe))
+    cross = (p for section in sections if hasattr(section, "problems") for p in section.problems(recipe))
+    for key, message in itertools.chain(_field_problems(recipe, ""), cross):
+        raise UserError(message, where=loc.where(key))
 
 
 def micro_batching(recipe: Recipe) -> tuple[int, int]:
@@ -348,31 +226,25 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, stage: str | Non
     return recipe
 
 
-# Keys that may name local files; stored absolute so that a run's recipe.yaml works from
-# any directory (resume, merge, re-run).
-_PATH_KEYS = ("model.base", "model.tokenizer", "data.train", "data.eval", "launch.deepspeed",
-              "ppo.reward_model", "ppo.ptx_data")
-_FUNCTION_KEYS = ("train.eval_reward_fn", "ppo.reward_fn")
-
-
 def _absolute(value: str) -> str:
     path = Path(value).expanduser()
     return str(path.resolve()) if path.exists() else value
 
 
-def _absolute_paths(recipe: Recipe) -> None:
-    for key in _PATH_KEYS + _FUNCTION_KEYS:
-        section_name, name = key.split(".")
-        section = getattr(recipe, section_name)
-        value = getattr(section, name)
-        if not value or value.startswith("builtin:"):
+def _absolute_paths(section: Any) -> None:
+    """Keys that name local files (or `file.py:function`) stored absolute, as their fields say."""
+    for spec in dataclasses.fields(section):
+        value, names = getattr(section, spec.name), spec.metadata.get("names")
+        if dataclasses.is_dataclass(value):
+            _absolute_paths(value)
+        elif not value or not names or value.startswith("builtin:"):
             continue
-        if key in _FUNCTION_KEYS:
+        elif names == "path":
+            setattr(section, spec.name, _absolute(value))
+        else:
             module, sep, function = value.rpartition(":")
             if module.endswith(".py"):
-                setattr(section, name, f"{_absolute(module)}{sep}{function}")
-        else:
-            setattr(section, name, _absolute(value))
+                setattr(section, spec.name, f"{_absolute(module)}{sep}{function}")
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -1,33 +1,33 @@
-"""The recipe schema: one dataclass per section, every default in one place.
+"""The recipe schema: one dataclass per section, every key described once, beside its field.
 
-Kept free of torch and of I/O so that `rlhf --help`, `--dry-run` and validation stay cheap.
-`config.py` turns YAML + `--set` overrides into these objects and checks them.
+A field says its default, its allowed names or lower bound (`schema_fields`), and whether it
+names a local file; checks that involve several keys are the section's `problems`. Kept free
+of torch and of I/O (but for "does this named file exist") so that `rlhf --help`, `--dry-run`
+and validation stay cheap. `config.py` turns YAML + `--set` overrides into these objects and
+walks them to validate.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from .algorithms.catalog import ADVANTAGE_ESTIMATORS, KL_ESTIMATOR_NAMES, PREFERENCE_LOSS_NAMES, Estimator
+from .data.templates import TEMPLATES
+from .schema_fields import above, at_least, choice, function_ref, local_path
+
+# What a section's cross-key checks yield: (dotted key, message); the first one is reported.
+Problems = Iterator[tuple[str, str]]
 
 STAGES = ("sft", "rm", "dpo", "ppo")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
-SCHEDULES = ("cosine", "linear", "constant")
-TEMPLATES = ("plain", "alpaca", "llama2", "chatml", "tokenizer")
-DATA_FORMATS = ("auto", "alpaca", "prompt_response", "messages")
-LAUNCHERS = ("auto", "none", "torchrun", "accelerate")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-# bitsandbytes: 4bit = nf4 with double quantization (QLoRA), 8bit = LLM.int8.
-QUANTIZATIONS = ("4bit", "8bit")
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto")
 PPO_ARRANGEMENTS = ("separate", "2base-2lora", "1base-2lora", "1base-1lora")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-# gae trains a critic; the others are critic-free (no value head, no value loss).
-PPO_ADVANTAGES = ("gae", "grpo", "rloo", "reinforce_pp")
 
 
 @dataclass
 class LoraSection:
-    r: int = 16
-    alpha: int = 32
+    r: int = at_least(16, 1)
+    alpha: int = above(32, 0)
     dropout: float = 0.05
     # "auto" = every linear layer of the transformer blocks (peft's "all-linear"),
     # which finds the right names for LLaMA, Mistral, GPT-2, ... without a table.
@@ -37,59 +37,80 @@ class LoraSection:
 
 @dataclass
 class ModelSection:
-    base: str = "builtin:tiny"
-    tokenizer: str | None = None  # defaults to the base's own tokenizer
-    dtype: str = "auto"
+    base: str = local_path("builtin:tiny")
+    tokenizer: str | None = local_path()  # defaults to the base's own tokenizer
+    dtype: str = choice("auto", ("auto", "fp32", "bf16", "fp16"))
     lora: LoraSection | None = field(default_factory=LoraSection)
+    # Run the modelling code a base ships (Baichuan, ...); checked in models/remote_code.py.
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
-    quantization: str | None = None  # null | 4bit | 8bit: the frozen base, LoRA on top
+    # bitsandbytes: 4bit = nf4 with double quantization (QLoRA), 8bit = LLM.int8; LoRA on top.
+    quantization: str | None = choice(None, ("4bit", "8bit"))
+
+    def problems(self, recipe: Recipe) -> Problems:
+        if self.quantization and self.lora is None:
+            yield "model.quantization", ("a quantized base cannot be fine-tuned in full (its weights are "
+                                         "frozen integers): set model.lora, or model.quantization: null")
 
 
 @dataclass
 class DataSection:
-    train: str = ""
-    eval: str | None = None
-    format: str = "auto"
-    template: str = "plain"
-    max_length: int = 512
-    max_prompt_length: int | None = None
+    train: str = local_path("")
+    eval: str | None = local_path()
+    format: str = choice("auto", ("auto", "alpaca", "prompt_response", "messages"))
+    template: str = choice("plain", TEMPLATES)
+    max_length: int = at_least(512, 1)
+    max_prompt_length: int | None = at_least(None, 1)
+
+    def problems(self, recipe: Recipe) -> Problems:
+        if not self.train:
+            yield "data.train", "missing training data: set `data.train`"
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            yield "data.max_prompt_length", f"must be smaller than data.max_length ({self.max_length})"
 
 
 @dataclass
 class TrainSection:
-    lr: float = 2e-4
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
+    lr: float = above(2e-4, 0)
+    schedule: str = choice("cosine", ("cosine", "linear", "constant"))
+    warmup_steps: int = at_least(0, 0)
+    warmup_ratio: float = at_least(0.0, 0)  # and below 1
     min_lr_ratio: float = 0.0
-    batch_size: int = 8  # per process
-    eval_batch_size: int | None = None
-    grad_accum: int = 1
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    epochs: float = 1.0
+    batch_size: int = at_least(8, 1)  # per process
+    eval_batch_size: int | None = at_least(None, 1)
+    grad_accum: int = at_least(1, 1)
+    max_steps: int | None = at_least(None, 1)  # optimizer steps; overrides epochs when set
+    epochs: float = above(1.0, 0)
     seed: int = 42
-    log_every: int = 10
-    save_every: int | None = None
-    eval_every: int | None = None
-    keep_checkpoints: int = 2
-    max_grad_norm: float = 1.0
+    log_every: int = at_least(10, 1)
+    save_every: int | None = at_least(None, 1)
+    eval_every: int | None = at_least(None, 1)  # needs data.eval
+    keep_checkpoints: int = at_least(2, 1)
+    max_grad_norm: float = above(1.0, 0)
     # Dropout at 0 while training (modules, LoRA's, the config's); null: by stage, off for rm,
     # dpo and ppo (their losses compare forwards of one model), kept for sft.
     disable_dropout: bool | None = None
     # Steps with a NaN/inf loss or gradient are skipped; this many in a row stop the run.
-    max_bad_steps: int = 3
-    weight_decay: float = 0.0
+    max_bad_steps: int = at_least(3, 1)
+    weight_decay: float = at_least(0.0, 0)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb
     # Generation-based evaluation: sample answers for eval prompts and score them with a
     # reward function (`module:function` or `file.py:function`), e.g. the built-in task's.
-    eval_reward_fn: str | None = None
-    eval_num_prompts: int = 64
-    eval_max_new_tokens: int = 32
+    eval_reward_fn: str | None = function_ref()  # needs data.eval
+    eval_num_prompts: int = at_least(64, 1)
+    eval_max_new_tokens: int = at_least(32, 1)
+
+    def problems(self, recipe: Recipe) -> Problems:
+        if self.eval_every is not None and not recipe.data.eval:
+            yield "train.eval_every", "needs evaluation data: set `data.eval`"
+        if self.warmup_ratio >= 1:
+            yield "train.warmup_ratio", "must be below 1"
+        if self.eval_reward_fn and not recipe.data.eval:
+            yield "train.eval_reward_fn", "needs evaluation prompts: set `data.eval`"
 
 
 @dataclass
@@ -107,24 +128,24 @@ class RMSection:
 
 @dataclass
 class DPOSection:
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
+    beta: float = above(0.1, 0)
+    loss_type: str = choice("sigmoid", PREFERENCE_LOSS_NAMES)  # each a loss in algorithms/preference.py
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     orpo_lambda: float = 0.1
     precompute_ref: bool = False
     # KTO's λ_D and λ_U; the paper keeps λ_D·n_D / (λ_U·n_U) within [1, 4/3].
-    kto_desirable_weight: float = 1.0
-    kto_undesirable_weight: float = 1.0
+    kto_desirable_weight: float = above(1.0, 0)
+    kto_undesirable_weight: float = above(1.0, 0)
 
 
 @dataclass
 class PPOSection:
-    arrangement: str = "1base-1lora"
-    reward_model: str | None = None
-    reward_fn: str | None = None
+    arrangement: str = choice("1base-1lora", PPO_ARRANGEMENTS)
+    reward_model: str | None = local_path()
+    reward_fn: str | None = function_ref()
     kl_coef: float = 0.05
-    kl_estimator: str = "k1"
+    kl_estimator: str = choice("k1", KL_ESTIMATOR_NAMES)
     adaptive_kl: bool = False
     kl_target: float = 6.0
     kl_horizon: int = 10000
@@ -134,48 +155,103 @@ class PPOSection:
     clip_range_value: float = 0.2
     vf_coef: float = 0.1
     critic_lr_ratio: float = 5.0
-    ppo_epochs: int = 4
-    rollout_batch_size: int = 64
-    mini_batch_size: int = 16
+    ppo_epochs: int = at_least(4, 1)
+    rollout_batch_size: int = at_least(64, 1)
+    mini_batch_size: int = at_least(16, 1)
     # Responses per forward/backward; mini_batch_size / micro_batch_size of them are accumulated
     # into one optimizer step (less activation memory, the same update). Default: the minibatch.
-    micro_batch_size: int | None = None
-    max_new_tokens: int = 64
-    temperature: float = 1.0
+    micro_batch_size: int | None = at_least(None, 1)
+    max_new_tokens: int = at_least(64, 1)
+    temperature: float = above(1.0, 0)
     top_p: float = 1.0
     top_k: int = 0
     reward_clip: float = 10.0
     normalize_reward: bool = False
     no_eos_penalty: float = -1.0
     critic_warmup_steps: int = 0
-    # Advantage estimator: gae (critic + value head) or critic-free grpo, rloo, reinforce_pp.
-    advantage: str = "gae"
-    # Responses sampled per prompt (each prompt repeated); grpo and rloo need >= 2.
-    samples_per_prompt: int = 1
+    # Advantage estimator; which ones train a critic or compare a prompt's samples: `estimator`.
+    advantage: str = choice("gae", ADVANTAGE_ESTIMATORS)
+    # Responses sampled per prompt (each prompt repeated); group-relative estimators need >= 2.
+    samples_per_prompt: int = at_least(1, 1)
     # InstructGPT's PPO-ptx: + ptx_coef x the SFT loss on ppo.ptx_data (SFT rows).
-    ptx_coef: float = 0.0
-    ptx_data: str | None = None
-    ptx_batch_size: int | None = None  # SFT rows per update; default ppo.mini_batch_size
+    ptx_coef: float = at_least(0.0, 0)
+    ptx_data: str | None = local_path()
+    ptx_batch_size: int | None = at_least(None, 1)  # SFT rows per update; default ppo.mini_batch_size
     # EMA of the actor's trainable weights, updated after every optimizer step; final/ holds it.
-    ema_decay: float | None = None
+    ema_decay: float | None = above(None, 0)  # and below 1
+
+    @property
+    def estimator(self) -> Estimator:
+        """What `advantage` needs: a critic or not, a group of samples per prompt or not."""
+        return ADVANTAGE_ESTIMATORS[self.advantage]
+
+    def problems(self, recipe: Recipe) -> Problems:
+        if recipe.stage != "ppo":
+            return
+        if not (self.reward_model or self.reward_fn):
+            yield "ppo", "PPO needs a reward: set `ppo.reward_model` or `ppo.reward_fn`"
+        if self.estimator.group_relative and self.samples_per_prompt < 2:
+            yield ("ppo.samples_per_prompt",
+                   f"{self.advantage} compares several samples of each prompt: set it to 2 or more")
+        if not self.estimator.needs_critic:
+            yield from self._critic_free_problems()
+        yield from self._micro_batch_problems()
+        if self.ptx_coef > 0 and not self.ptx_data:
+            yield "ppo.ptx_coef", "needs SFT data for the ptx loss: set `ppo.ptx_data`"
+        if self.ema_decay is not None and self.ema_decay >= 1:
+            yield "ppo.ema_decay", f"must be below 1, got {self.ema_decay}"
+
+    def _critic_free_problems(self) -> Problems:
+        no_critic = f"ppo.advantage {self.advantage} trains no critic"
+        if self.arrangement == "1base-2lora":
+            yield ("ppo.arrangement", f"{no_critic}, and 1base-2lora's second adapter is the critic: "
+                   "use 1base-1lora")
+        if self.arrangement == "2base-2lora" and not self.reward_model:
+            yield ("ppo.arrangement", f"{no_critic}, and with a reward function 2base-2lora's second "
+                   "base would hold nothing: use 1base-1lora")
+        if self.critic_warmup_steps:
+            yield "ppo.critic_warmup_steps", f"{no_critic} to warm up: set it to 0"
+
+    def _micro_batch_problems(self) -> Problems:
+        """Every optimizer step must accumulate the same number of micro-batches (DeepSpeed counts
+        them to find the step): the minibatch divides into micro-batches and the rollout into
+        minibatches."""
+        micro, mini = self.micro_batch_size, self.mini_batch_size
+        if micro is None or micro == mini:
+            return
+        if micro > mini or mini % micro:
+            yield "ppo.micro_batch_size", f"{micro} must divide ppo.mini_batch_size ({mini})"
+        responses = self.rollout_batch_size * self.samples_per_prompt
+        if responses % mini:
+            yield ("ppo.micro_batch_size", f"with micro-batches, ppo.mini_batch_size ({mini}) must divide "
+                   f"the responses of a rollout ({responses} per process)")
 
 
 @dataclass
 class LaunchSection:
-    launcher: str = "auto"  # auto: in-process for 1 process, torchrun for more
-    num_processes: int = 1  # per machine
-    num_machines: int = 1
-    machine_rank: int = 0
+    # auto: in-process for 1 process, torchrun for more
+    launcher: str = choice("auto", ("auto", "none", "torchrun", "accelerate"))
+    num_processes: int = at_least(1, 1)  # per machine
+    num_machines: int = at_least(1, 1)
+    machine_rank: int = at_least(0, 0)
     main_process_ip: str | None = None
     main_process_port: int = 29500
-    deepspeed: str | None = None  # a DeepSpeed JSON config, e.g. recipes/deepspeed/zero2.json
-    mixed_precision: str = "no"
+    deepspeed: str | None = local_path()  # a DeepSpeed JSON config, e.g. recipes/deepspeed/zero2.json
+    mixed_precision: str = choice("no", ("no", "fp16", "bf16"))
     cpu: bool = False  # force the CPU even when a GPU is visible
+
+    def problems(self, recipe: Recipe) -> Problems:
+        if self.num_machines > 1 and not self.main_process_ip:
+            yield "launch.num_machines", "several machines need `launch.main_process_ip`"
+        if self.machine_rank >= self.num_machines:
+            yield "launch.machine_rank", "must be below launch.num_machines"
+        if self.deepspeed and not Path(self.deepspeed).is_file():
+            yield "launch.deepspeed", f"DeepSpeed config not found: {self.deepspeed}"
 
 
 @dataclass
 class Recipe:
-    stage: str = "sft"
+    stage: str = choice("sft", STAGES)
     output_dir: str | None = None
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -185,61 +261,3 @@ class Recipe:
     dpo: DPOSection = field(default_factory=DPOSection)
     ppo: PPOSection = field(default_factory=PPOSection)
     launch: LaunchSection = field(default_factory=LaunchSection)
-
-
-# Keys whose value must be one of a fixed set of names.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "stage": STAGES,
-    "model.dtype": DTYPES,
-    "model.quantization": QUANTIZATIONS,
-    "data.format": DATA_FORMATS,
-    "data.template": TEMPLATES,
-    "train.schedule": SCHEDULES,
-    "dpo.loss_type": DPO_LOSS_TYPES,
-    "ppo.arrangement": PPO_ARRANGEMENTS,
-    "ppo.kl_estimator": KL_ESTIMATORS,
-    "ppo.advantage": PPO_ADVANTAGES,
-    "launch.launcher": LAUNCHERS,
-    "launch.mixed_precision": MIXED_PRECISION,
-}
-
-# (key, lower bound, inclusive?) for numbers that must be positive or non-negative.
-BOUNDS: tuple[tuple[str, float, bool], ...] = (
-    ("model.lora.r", 1, True),
-    ("model.lora.alpha", 0, False),
-    ("data.max_length", 1, True),
-    ("data.max_prompt_length", 1, True),
-    ("train.lr", 0, False),
-    ("train.batch_size", 1, True),
-    ("train.eval_batch_size", 1, True),
-    ("train.grad_accum", 1, True),
-    ("train.max_steps", 1, True),
-    ("train.epochs", 0, False),
-    ("train.log_every", 1, True),
-    ("train.save_every", 1, True),
-    ("train.eval_every", 1, True),
-    ("train.keep_checkpoints", 1, True),
-    ("train.max_grad_norm", 0, False),
-    ("train.max_bad_steps", 1, True),
-    ("train.warmup_steps", 0, True),
-    ("train.warmup_ratio", 0, True),
-    ("train.weight_decay", 0, True),
-    ("train.eval_num_prompts", 1, True),
-    ("train.eval_max_new_tokens", 1, True),
-    ("dpo.beta", 0, False),
-    ("dpo.kto_desirable_weight", 0, False),
-    ("dpo.kto_undesirable_weight", 0, False),
-    ("ppo.ppo_epochs", 1, True),
-    ("ppo.rollout_batch_size", 1, True),
-    ("ppo.mini_batch_size", 1, True),
-    ("ppo.micro_batch_size", 1, True),
-    ("ppo.max_new_tokens", 1, True),
-    ("ppo.temperature", 0, False),
-    ("ppo.samples_per_prompt", 1, True),
-    ("ppo.ptx_coef", 0, True),
-    ("ppo.ptx_batch_size", 1, True),
-    ("ppo.ema_decay", 0, False),
-    ("launch.num_processes", 1, True),
-    ("launch.num_machines", 1, True),
-    ("launch.machine_rank", 0, True),
-)

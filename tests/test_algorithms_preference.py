@@ -16,12 +16,16 @@ import torch
 from tensor_helpers import close, t
 
 from rlhf_cli.algorithms.preference import (
-    dpo_loss,
+    ORPOLoss,
+    SigmoidLoss,
+    SimPOLoss,
     kto_loss,
     log_odds,
     pairwise_reward_loss,
+    preference_loss,
     reward_metrics,
 )
+from rlhf_cli.schema import DPOSection
 
 
 # ---------------------------------------------------------------- reward model
@@ -57,13 +61,15 @@ def test_reward_metrics_ties_are_wrong():
 PC, PR, RC, RR = t(-10.0, -8.0), t(-12.0, -7.0), t(-11.0, -9.0), t(-11.0, -9.0)
 
 
-def dpo(loss_type, beta=0.5, **kw):
-    return dpo_loss(PC, PR, RC, RR, loss_type=loss_type, beta=beta, **kw)
+def dpo(loss_type, beta=0.5, label_smoothing=0.0, **inputs):
+    """The loss as a run builds it from its `dpo` section, applied to the two pairs above."""
+    loss = preference_loss(DPOSection(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing))
+    return loss(PC, PR, RC, RR, **inputs)
 
 
 def test_dpo_at_reference_is_log2():
     logps = t(-3.0, -20.0)
-    losses, chosen, rejected = dpo_loss(logps, logps - 1, logps, logps - 1, loss_type="sigmoid", beta=0.1)
+    losses, chosen, rejected = SigmoidLoss(beta=0.1)(logps, logps - 1, logps, logps - 1)
     close(losses, [math.log(2)] * 2, atol=1e-7)
     close(chosen, [0.0, 0.0])
     close(rejected, [0.0, 0.0])
@@ -115,9 +121,8 @@ FREE = dict(chosen_lengths=t(4, 3), rejected_lengths=t(6, 4))
 def test_simpo_by_hand():
     # β = 2, γ = 0.5: pair 1: 2·(−1 + 1.5) − 0.5 = 0.5 -> 0.474077
     #                 pair 2: 2·(−2 + 1) − 0.5 = −2.5 -> 2.578890
-    losses, chosen, rejected = dpo_loss(
-        t(-4.0, -6.0), t(-9.0, -4.0), None, None, loss_type="simpo", beta=2.0, simpo_gamma=0.5, **FREE
-    )
+    simpo = SimPOLoss(beta=2.0, gamma=0.5)
+    losses, chosen, rejected = simpo(t(-4.0, -6.0), t(-9.0, -4.0), None, None, **FREE)
     close(losses, [0.474077, 2.578890])
     close(chosen, [-2.0, -4.0])  # β·ā_w
     close(rejected, [-3.0, -2.0])  # β·ā_l
@@ -133,31 +138,13 @@ def test_orpo_by_hand():
     #         loss = NLL 1 + 0.1·0.401135 = 1.040114
     # pair 2: diff = −1.854587 + 0.541325 = −1.313262, −log σ = log(1 + 3.718282) = 1.551444
     #         loss = NLL 2 + 0.1·1.551444 = 2.155144
-    losses, chosen, rejected = dpo_loss(
-        t(-4.0, -6.0),
-        t(-9.0, -4.0),
-        None,
-        None,
-        loss_type="orpo",
-        beta=0.1,
-        chosen_nll=t(1.0, 2.0),
-        orpo_lambda=0.1,
-        **FREE,
-    )
+    orpo = ORPOLoss(beta=0.1, orpo_lambda=0.1)
+    losses, chosen, rejected = orpo(t(-4.0, -6.0), t(-9.0, -4.0), None, None, chosen_nll=t(1.0, 2.0), **FREE)
     close(losses, [1.040114, 2.155144])
     close(chosen, [-0.1, -0.2])  # β·ā_w
     close(rejected, [-0.15, -0.1])
     with pytest.raises(ValueError, match="chosen_nll"):
-        dpo_loss(
-            t(-4.0),
-            t(-9.0),
-            None,
-            None,
-            loss_type="orpo",
-            beta=0.1,
-            chosen_lengths=t(4),
-            rejected_lengths=t(6),
-        )
+        orpo(t(-4.0), t(-9.0), None, None, chosen_lengths=t(4), rejected_lengths=t(6))
 
 
 def test_log_odds_is_finite_near_certainty():
@@ -170,7 +157,7 @@ def test_log_odds_is_finite_near_certainty():
 
 def test_gradient_sign_sigmoid():
     pc, pr = PC.clone().requires_grad_(True), PR.clone().requires_grad_(True)
-    losses, chosen, _ = dpo_loss(pc, pr, RC, RR, loss_type="sigmoid", beta=0.5)
+    losses, chosen, _ = SigmoidLoss(beta=0.5)(pc, pr, RC, RR)
     losses.sum().backward()
     assert (pc.grad < 0).all()  # raising logπ(y_w) lowers the loss
     assert (pr.grad > 0).all()  # raising logπ(y_l) raises it
@@ -185,7 +172,7 @@ def test_dpo_rejects_bad_arguments():
     with pytest.raises(ValueError, match="label_smoothing"):
         dpo("hinge", label_smoothing=0.1)
     with pytest.raises(ValueError, match="reference"):
-        dpo_loss(PC, PR, None, None, loss_type="sigmoid", beta=0.1)
+        SigmoidLoss(beta=0.1)(PC, PR, None, None)
 
 
 # ---------------------------------------------------------------- KTO

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,45 @@ def test_every_shipped_recipe_validates(path, monkeypatch):
     stage = yaml.safe_load(path.read_text())["stage"]
     recipe = load_recipe(path, stage=stage)
     assert recipe.stage == stage
+
+
+def described_keys(section=None, prefix: str = ""):
+    """(dotted key, field) for every key of the schema, nested sections included."""
+    from rlhf_cli.schema import Recipe
+    for spec in dataclasses.fields(section or Recipe):
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        if dataclasses.is_dataclass(default):
+            yield from described_keys(type(default), f"{prefix}{spec.name}.")
+        else:
+            yield f"{prefix}{spec.name}", spec
+
+
+BOUNDED = [(key, spec.metadata["bound"]) for key, spec in described_keys() if "bound" in spec.metadata]
+CHOSEN = [(key, spec.metadata["choices"]) for key, spec in described_keys() if "choices" in spec.metadata]
+
+
+@pytest.mark.parametrize("key, bound", BOUNDED, ids=[key for key, _ in BOUNDED])
+def test_every_bound_beside_a_field_is_checked(tmp_path, key, bound):
+    low, inclusive = bound
+    path = write(tmp_path, MINIMAL + "  eval: builtin:sort\n")  # train.eval_every needs it
+    below = low - 1 if inclusive else low
+    with pytest.raises(UserError, match=rf"^--set {key}: must be {'>=' if inclusive else '>'} {low}, got"):
+        load_recipe(path, [f"{key}={below}"])
+    load_recipe(path, [f"{key}={low if inclusive else low + 1}"])  # the bound itself (or above) is fine
+
+
+@pytest.mark.parametrize("key, names", CHOSEN, ids=[key for key, _ in CHOSEN])
+def test_every_choice_beside_a_field_is_checked(tmp_path, key, names):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(UserError, match=rf"^--set {key}: `nosuch` is not one of {', '.join(names)}$"):
+        load_recipe(path, [f"{key}=nosuch"])
+
+
+def test_the_schema_describes_its_keys():
+    """The keys an earlier CHOICES/BOUNDS table listed, still described beside their fields."""
+    assert len(BOUNDED) == 37 and len(CHOSEN) == 12  # 11 in the old table, + model.quantization
+    assert dict(CHOSEN)["ppo.advantage"] == ("gae", "grpo", "rloo", "reinforce_pp")
+    assert dict(CHOSEN)["model.quantization"] == ("4bit", "8bit")
+    paths = sorted(key for key, spec in described_keys() if spec.metadata.get("names") == "path")
+    assert paths == ["data.eval", "data.train", "launch.deepspeed", "model.base", "model.tokenizer",
+                     "ppo.ptx_data", "ppo.reward_model"]

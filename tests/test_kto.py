@@ -14,6 +14,7 @@ import pytest
 import torch
 from cli_helpers import REPO, eval_rows, rlhf, train_rows
 
+from rlhf_cli.algorithms.preference import KTOLoss
 from rlhf_cli.data.sft import IGNORE_INDEX as IGN
 from rlhf_cli.data.unpaired import UnpairedView
 from rlhf_cli.schema import DPOSection
@@ -84,7 +85,7 @@ def test_step_loss_by_hand():
     batch = {"input_ids": torch.tensor([[0], [1], [2], [3]]), "attention_mask": torch.ones(4, 1),
              "labels": torch.zeros(4, 1), "desirable": torch.tensor([True, False])}
     cfg = DPOSection(loss_type="kto", beta=0.5, kto_desirable_weight=1.0, kto_undesirable_weight=2.0)
-    loss, metrics = kto_step_loss(model, batch, cfg=cfg)
+    loss, metrics = kto_step_loss(model, batch, loss=KTOLoss.from_recipe(cfg))
     # z = mean(-3 - -4, -4 - -4.2) = mean(1.0, 0.2) = 0.6; r = (1.0, -1.0)
     # desirable: 1 - σ(0.5 (1.0 - 0.6)) = 1 - σ(0.2) = 0.450166
     # undesirable: 2 (1 - σ(0.5 (0.6 - -1.0))) = 2 (1 - σ(0.8)) = 0.620051
@@ -97,7 +98,8 @@ def test_step_loss_clamps_a_negative_kl_estimate():
     model = TableObjective(policy=[-2.0, -2.0, -5.0, -5.0], reference=[-2.0, -2.0, -4.0, -4.0])
     batch = {"input_ids": torch.tensor([[0], [1], [2], [3]]), "attention_mask": torch.ones(4, 1),
              "labels": torch.zeros(4, 1), "desirable": torch.tensor([True, True])}
-    loss, metrics = kto_step_loss(model, batch, cfg=DPOSection(loss_type="kto", beta=1.0))
+    kto = KTOLoss.from_recipe(DPOSection(loss_type="kto", beta=1.0))
+    loss, metrics = kto_step_loss(model, batch, loss=kto)
     assert metrics["kl"] == 0.0  # z = max(-1, 0)
     assert float(loss) == pytest.approx(2 * 0.5)  # r = 0, z = 0: 1 - σ(0) each
 

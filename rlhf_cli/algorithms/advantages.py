@@ -48,6 +48,11 @@ def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
     return (g - baseline).reshape(-1)
 
 
+# The group-relative `ppo.advantage` estimators -> the baseline each puts in place of the score;
+# the catalog's `group_relative` estimators are exactly these (tests/test_algorithms_registries.py).
+GROUP_BASELINES = {"grpo": grpo_advantages, "rloo": rloo_advantages}
+
+
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
     """G_t = r_t + γ·G_{t+1} per row, restarting at 0 after the last masked-in token.
 

@@ -14,11 +14,13 @@ import torch
 from torch import Tensor
 
 from rlhf_cli.algorithms.advantages import (
+    GROUP_BASELINES,
     discounted_returns,
     grpo_advantages,
     reinforce_pp_advantages,
     rloo_advantages,
 )
+from rlhf_cli.algorithms.catalog import ADVANTAGE_ESTIMATORS
 from rlhf_cli.algorithms.kl import (
     AdaptiveKLController,
     FixedKLController,
@@ -108,10 +110,6 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, (advantages + v).masked_fill(~m, 0)
 
 
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
-_GROUP_BASELINES = {"grpo": grpo_advantages, "rloo": rloo_advantages}
-
-
 def estimate_advantages(
     kind: str,
     scores: Tensor,
@@ -140,9 +138,10 @@ def estimate_advantages(
     kl, mask [B, T].
     """
     if kind not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {kind!r}; expected one of {ADVANTAGE_ESTIMATORS}")
-    if kind in _GROUP_BASELINES:
-        scores = _GROUP_BASELINES[kind](scores, group_size)
+        names = tuple(ADVANTAGE_ESTIMATORS)
+        raise ValueError(f"unknown advantage estimator {kind!r}; expected one of {names}")
+    if kind in GROUP_BASELINES:
+        scores = GROUP_BASELINES[kind](scores, group_size)
     rewards = token_rewards(scores, kl, mask, kl_coef)
     if kind == "gae":
         if values is None:
@@ -150,7 +149,7 @@ def estimate_advantages(
         advantages, returns = gae(rewards, values, mask, gamma, lam)
     else:
         advantages = returns = discounted_returns(rewards, mask, gamma)
-    if kind in ("gae", "reinforce_pp"):
+    if not ADVANTAGE_ESTIMATORS[kind].group_relative:  # a group baseline already centres them
         moments = masked_moments(advantages, mask)
         advantages = masked_whiten(advantages, mask, stats=reduce(moments) if reduce else moments)
     return advantages, returns

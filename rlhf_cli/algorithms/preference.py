@@ -13,10 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
-_SMOOTHABLE = ("sigmoid", "robust", "simpo")
-_REFERENCE_FREE = ("simpo", "orpo")
-
 
 def pairwise_reward_loss(
     chosen_rewards: Tensor,
@@ -75,80 +71,169 @@ def log_odds(avg_logps: Tensor, max_logp: float = -1e-6) -> Tensor:
     return x - log1mexp(x)
 
 
-def _normalised(logps: Tensor, lengths: Tensor | None, loss_type: str, which: str) -> Tensor:
+def _normalised(logps: Tensor, lengths: Tensor | None, name: str, which: str) -> Tensor:
     if lengths is None:
-        raise ValueError(f"dpo_loss(loss_type={loss_type!r}) needs {which}_lengths (response token counts)")
+        raise ValueError(f"the {name} loss needs {which}_lengths (response token counts)")
     return logps / lengths.to(logps).clamp(min=1)
 
 
-def dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None,
-    ref_rejected_logps: Tensor | None,
-    *,
-    loss_type: str,
-    beta: float,
-    label_smoothing: float = 0.0,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    simpo_gamma: float = 0.5,
-    chosen_nll: Tensor | None = None,
-    orpo_lambda: float = 0.1,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """DPO-family losses. Returns ``(losses [B], chosen_rewards [B], rejected_rewards [B])``.
+class DPOFamilyLoss:
+    """One DPO-family loss with its own recipe parameters, built once per run (`from_recipe`).
 
-    Inputs [B], logps summed over response tokens. Δ = (logπ_w − logπ_ref,w) − (logπ_l − logπ_ref,l).
-
-    - ``sigmoid``: −log σ(βΔ); with ε = ``label_smoothing`` (cDPO): −(1−ε) log σ(βΔ) − ε log σ(−βΔ).
-    - ``robust``:  [−(1−ε) log σ(βΔ) + ε log σ(−βΔ)] / (1 − 2ε), ε < 0.5.
-    - ``hinge``:   max(0, 1 − βΔ).
-    - ``ipo``:     (Δ̄ − 1/(2β))², Δ̄ the same Δ with every logp divided by its response length
-      (policy and reference of y_w by ``chosen_lengths``, of y_l by ``rejected_lengths``).
-    - ``simpo`` (ref args may be None): −log σ(β·ā_w − β·ā_l − γ), ā = logp / length, γ =
-      ``simpo_gamma``; ``label_smoothing`` applies as in cDPO.
-    - ``orpo`` (ref args may be None): NLL_w + λ·(−log σ(log odds_w − log odds_l)), odds = p/(1−p)
-      with log p = ā (see :func:`log_odds`), NLL_w = ``chosen_nll`` [B] (per-token average NLL of
-      y_w, with grad), λ = ``orpo_lambda``.
-
-    Rewards (detached): β·(logπ − logπ_ref) on SUMMED logps for sigmoid/robust/hinge/ipo;
-    β·ā (length-averaged policy logp) for the reference-free simpo and orpo.
+    Called per batch: ``loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *,
+    chosen_lengths, rejected_lengths, chosen_nll)`` -> ``(losses [B], chosen_rewards [B],
+    rejected_rewards [B])``; inputs [B], logps summed over response tokens. A loss reads only
+    the inputs it needs; the reference log-probs only where ``needs_reference``.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
-    if label_smoothing and loss_type not in _SMOOTHABLE:
-        raise ValueError(f"label_smoothing applies to {', '.join(_SMOOTHABLE)}, not {loss_type!r}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
 
-    if loss_type in _REFERENCE_FREE:
-        avg_w = _normalised(policy_chosen_logps, chosen_lengths, loss_type, "chosen")
-        avg_l = _normalised(policy_rejected_logps, rejected_lengths, loss_type, "rejected")
-        if loss_type == "simpo":
-            losses = _smoothed_sigmoid_loss(beta * (avg_w - avg_l) - simpo_gamma, label_smoothing)
-        else:
-            if chosen_nll is None:
-                raise ValueError("dpo_loss(loss_type='orpo') needs chosen_nll (per-token average NLL of y_w)")
-            losses = chosen_nll - orpo_lambda * F.logsigmoid(log_odds(avg_w) - log_odds(avg_l))
-        return losses, (beta * avg_w).detach(), (beta * avg_l).detach()
+    name = ""
+    needs_reference = True
+    paired = True  # preference pairs; KTO reads unpaired completions
+    smoothable = False  # takes cDPO's label smoothing ε
+    own_keys: dict[str, str] = {}  # the loss's own constructor parameters -> their `dpo.` recipe keys
 
-    if ref_chosen_logps is None or ref_rejected_logps is None:
-        raise ValueError(f"dpo_loss(loss_type={loss_type!r}) needs reference log-probs")
-    chosen_ratio = policy_chosen_logps - ref_chosen_logps
-    rejected_ratio = policy_rejected_logps - ref_rejected_logps
-    logits = beta * (chosen_ratio - rejected_ratio)
-    if loss_type == "sigmoid":
-        losses = _smoothed_sigmoid_loss(logits, label_smoothing)
-    elif loss_type == "robust":
-        losses = _robust_loss(logits, label_smoothing)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - logits)
-    else:  # ipo
-        delta = _normalised(chosen_ratio, chosen_lengths, loss_type, "chosen") - _normalised(
-            rejected_ratio, rejected_lengths, loss_type, "rejected"
-        )
-        losses = (delta - 1 / (2 * beta)) ** 2
-    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+    def __init__(self, beta: float, label_smoothing: float = 0.0) -> None:
+        if label_smoothing and not self.smoothable:
+            smoothable = ", ".join(name for name, cls in PREFERENCE_LOSSES.items() if cls.smoothable)
+            raise ValueError(f"label_smoothing applies to {smoothable}, not {self.name!r}")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        self.beta, self.label_smoothing = beta, label_smoothing
+
+    @classmethod
+    def from_recipe(cls, cfg) -> DPOFamilyLoss:
+        """From the `dpo` recipe section: β, ε, and the loss's own keys. ε on a loss without
+        smoothing is refused; KTO (unpaired) has always left `dpo.label_smoothing` unread."""
+        own = {parameter: getattr(cfg, key) for parameter, key in cls.own_keys.items()}
+        return cls(cfg.beta, cfg.label_smoothing if cls.paired else 0.0, **own)
+
+
+class _RatioLoss(DPOFamilyLoss):
+    """Losses of Δ = (logπ_w − logπ_ref,w) − (logπ_l − logπ_ref,l); rewards β·(logπ − logπ_ref)
+    on SUMMED logps."""
+
+    def __call__(self, chosen, rejected, ref_chosen, ref_rejected, *, chosen_lengths=None,
+                 rejected_lengths=None, chosen_nll=None) -> tuple[Tensor, Tensor, Tensor]:
+        if ref_chosen is None or ref_rejected is None:
+            raise ValueError(f"the {self.name} loss needs reference log-probs")
+        chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+        losses = self.losses(chosen_ratio, rejected_ratio, chosen_lengths, rejected_lengths)
+        return losses, (self.beta * chosen_ratio).detach(), (self.beta * rejected_ratio).detach()
+
+    def logits(self, chosen_ratio: Tensor, rejected_ratio: Tensor) -> Tensor:
+        return self.beta * (chosen_ratio - rejected_ratio)
+
+
+class SigmoidLoss(_RatioLoss):
+    """DPO: −log σ(βΔ); with ε = ``label_smoothing`` (cDPO): −(1−ε) log σ(βΔ) − ε log σ(−βΔ)."""
+
+    name, smoothable = "sigmoid", True
+
+    def losses(self, chosen_ratio, rejected_ratio, chosen_lengths, rejected_lengths) -> Tensor:
+        return _smoothed_sigmoid_loss(self.logits(chosen_ratio, rejected_ratio), self.label_smoothing)
+
+
+class RobustLoss(_RatioLoss):
+    """Robust DPO: [−(1−ε) log σ(βΔ) + ε log σ(−βΔ)] / (1 − 2ε), ε < 0.5."""
+
+    name, smoothable = "robust", True
+
+    def losses(self, chosen_ratio, rejected_ratio, chosen_lengths, rejected_lengths) -> Tensor:
+        return _robust_loss(self.logits(chosen_ratio, rejected_ratio), self.label_smoothing)
+
+
+class HingeLoss(_RatioLoss):
+    """SLiC: max(0, 1 − βΔ)."""
+
+    name = "hinge"
+
+    def losses(self, chosen_ratio, rejected_ratio, chosen_lengths, rejected_lengths) -> Tensor:
+        return torch.relu(1 - self.logits(chosen_ratio, rejected_ratio))
+
+
+class IPOLoss(_RatioLoss):
+    """IPO: (Δ̄ − 1/(2β))², Δ̄ the same Δ with every logp divided by its response length (policy
+    and reference of y_w by ``chosen_lengths``, of y_l by ``rejected_lengths``)."""
+
+    name = "ipo"
+
+    def losses(self, chosen_ratio, rejected_ratio, chosen_lengths, rejected_lengths) -> Tensor:
+        delta = _normalised(chosen_ratio, chosen_lengths, self.name, "chosen") - _normalised(
+            rejected_ratio, rejected_lengths, self.name, "rejected")
+        return (delta - 1 / (2 * self.beta)) ** 2
+
+
+class _AveragedLoss(DPOFamilyLoss):
+    """Reference-free losses of the length-averaged policy logps ā = logp / length; rewards β·ā."""
+
+    needs_reference = False
+
+    def __call__(self, chosen, rejected, ref_chosen=None, ref_rejected=None, *, chosen_lengths=None,
+                 rejected_lengths=None, chosen_nll=None) -> tuple[Tensor, Tensor, Tensor]:
+        avg_w = _normalised(chosen, chosen_lengths, self.name, "chosen")
+        avg_l = _normalised(rejected, rejected_lengths, self.name, "rejected")
+        losses = self.losses(avg_w, avg_l, chosen_nll)
+        return losses, (self.beta * avg_w).detach(), (self.beta * avg_l).detach()
+
+
+class SimPOLoss(_AveragedLoss):
+    """SimPO: −log σ(β·ā_w − β·ā_l − γ), γ = ``gamma``; ``label_smoothing`` as in cDPO."""
+
+    name, smoothable, own_keys = "simpo", True, {"gamma": "simpo_gamma"}
+
+    def __init__(self, beta: float, label_smoothing: float = 0.0, gamma: float = 0.5) -> None:
+        super().__init__(beta, label_smoothing)
+        self.gamma = gamma
+
+    def losses(self, avg_w: Tensor, avg_l: Tensor, chosen_nll: Tensor | None) -> Tensor:
+        return _smoothed_sigmoid_loss(self.beta * (avg_w - avg_l) - self.gamma, self.label_smoothing)
+
+
+class ORPOLoss(_AveragedLoss):
+    """ORPO: NLL_w + λ·(−log σ(log odds_w − log odds_l)), odds = p/(1−p) with log p = ā (see
+    :func:`log_odds`), NLL_w = ``chosen_nll`` [B] (per-token average NLL of y_w, with grad),
+    λ = ``orpo_lambda``."""
+
+    name, own_keys = "orpo", {"orpo_lambda": "orpo_lambda"}
+
+    def __init__(self, beta: float, label_smoothing: float = 0.0, orpo_lambda: float = 0.1) -> None:
+        super().__init__(beta, label_smoothing)
+        self.orpo_lambda = orpo_lambda
+
+    def losses(self, avg_w: Tensor, avg_l: Tensor, chosen_nll: Tensor | None) -> Tensor:
+        if chosen_nll is None:
+            raise ValueError("the orpo loss needs chosen_nll (per-token average NLL of y_w)")
+        return chosen_nll - self.orpo_lambda * F.logsigmoid(log_odds(avg_w) - log_odds(avg_l))
+
+
+class KTOLoss(DPOFamilyLoss):
+    """KTO on unpaired completions: :func:`kto_loss` with β, λ_D and λ_U; called
+    ``loss(policy_logps, ref_logps, labels, kl)`` -> losses [B]."""
+
+    name, paired = "kto", False
+    own_keys = {"desirable_weight": "kto_desirable_weight", "undesirable_weight": "kto_undesirable_weight"}
+
+    def __init__(self, beta: float, label_smoothing: float = 0.0, desirable_weight: float = 1.0,
+                 undesirable_weight: float = 1.0) -> None:
+        super().__init__(beta, label_smoothing)
+        self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
+
+    def __call__(self, policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl: float | Tensor) -> Tensor:
+        return kto_loss(policy_logps, ref_logps, labels, kl, self.beta,
+                        self.desirable_weight, self.undesirable_weight)
+
+
+# `dpo.loss_type` -> its loss; the schema offers exactly these names (algorithms/catalog.py).
+PREFERENCE_LOSSES: dict[str, type[DPOFamilyLoss]] = {
+    cls.name: cls for cls in (SigmoidLoss, IPOLoss, HingeLoss, RobustLoss, SimPOLoss, ORPOLoss, KTOLoss)}
+
+
+def preference_loss(cfg) -> DPOFamilyLoss:
+    """The loss `cfg.loss_type` names (`cfg` a `dpo` recipe section), with its parameters."""
+    if cfg.loss_type not in PREFERENCE_LOSSES:
+        names = ", ".join(PREFERENCE_LOSSES)
+        raise ValueError(f"unknown DPO loss_type {cfg.loss_type!r}; expected one of {names}")
+    return PREFERENCE_LOSSES[cfg.loss_type].from_recipe(cfg)
 
 
 def kto_loss(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ...algorithms.preference import dpo_loss
+from ...algorithms.preference import DPOFamilyLoss, preference_loss
 from ...data.collate import pad_pairs
 from ...data.loaders import load_pairs
 from ...engine.final_model import save_final_model
@@ -26,10 +26,8 @@ from ...engine.run_dir import FINAL
 from ...engine.scoring import policy_scorer
 from ...models.lm_forward import sequence_logprobs
 from ...models.policy import policy_model, tokenizer_for
-from ...schema import DPOSection, Recipe
+from ...schema import Recipe
 from .kto import kto_parts
-
-REFERENCE_FREE = ("simpo", "orpo")
 
 
 class DPOObjective(torch.nn.Module):
@@ -72,21 +70,18 @@ def _halves(t: torch.Tensor):
     return t[:half], t[half:]
 
 
-def dpo_step_loss(model, batch, *, cfg: DPOSection):
+def dpo_step_loss(model, batch, *, loss: DPOFamilyLoss):
     inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
     logps, counts = model(*inputs)
     ref = None
-    if cfg.loss_type not in REFERENCE_FREE:
+    if loss.needs_reference:
         ref = batch["ref_logps"] if "ref_logps" in batch else model(*inputs, reference=True)[0]
     chosen, rejected = _halves(logps)
     chosen_len, rejected_len = _halves(counts)
     ref_chosen, ref_rejected = _halves(ref) if ref is not None else (None, None)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        chosen, rejected, ref_chosen, ref_rejected, loss_type=cfg.loss_type, beta=cfg.beta,
-        label_smoothing=cfg.label_smoothing, chosen_lengths=chosen_len,
-        rejected_lengths=rejected_len, simpo_gamma=cfg.simpo_gamma,
-        chosen_nll=-chosen / chosen_len.clamp(min=1), orpo_lambda=cfg.orpo_lambda,
-    )
+    losses, chosen_rewards, rejected_rewards = loss(
+        chosen, rejected, ref_chosen, ref_rejected, chosen_lengths=chosen_len,
+        rejected_lengths=rejected_len, chosen_nll=-chosen / chosen_len.clamp(min=1))
     metrics = {
         "rewards/chosen": float(chosen_rewards.sum()),
         "rewards/rejected": float(rejected_rewards.sum()),
@@ -120,7 +115,7 @@ def precompute_reference(objective: DPOObjective, examples, collate, backend, ba
         examples[index]["ref_rejected_logps"] = rejected
 
 
-def _pair_parts(recipe: Recipe, tokenizer, backend) -> dict:
+def _pair_parts(recipe: Recipe, tokenizer, backend, loss: DPOFamilyLoss) -> dict:
     """Pairs, collate, weight and loss of the paired losses, for the shared loop."""
     data = recipe.data
     return {
@@ -129,24 +124,24 @@ def _pair_parts(recipe: Recipe, tokenizer, backend) -> dict:
                           if data.eval else None),
         "collate": partial(collate_pairs, pad_token_id=tokenizer.pad_token_id),
         "batch_weight": lambda batch: batch["input_ids"].shape[0] // 2,
-        "loss_fn": partial(dpo_step_loss, cfg=recipe.dpo),
+        "loss_fn": partial(dpo_step_loss, loss=loss),
         "weight_name": "pairs",
     }
 
 
 def run_dpo(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dict:
-    cfg = recipe.dpo
+    cfg, loss = recipe.dpo, preference_loss(recipe.dpo)
     tokenizer = tokenizer_for(recipe)
-    parts = (kto_parts if cfg.loss_type == "kto" else _pair_parts)(recipe, tokenizer, backend)
+    parts = (_pair_parts if loss.paired else kto_parts)(recipe, tokenizer, backend, loss)
     lm = policy_model(recipe, announce=backend.is_main)
     frozen = None
-    if recipe.model.lora is None and cfg.loss_type not in REFERENCE_FREE and not cfg.precompute_ref:
+    if recipe.model.lora is None and loss.needs_reference and not cfg.precompute_ref:
         frozen = copy.deepcopy(lm).requires_grad_(False).eval()
     task = StageTask(model=DPOObjective(lm, frozen), evaluate_extra=policy_scorer(recipe, tokenizer, backend),
                      title=f"dpo ({cfg.loss_type})", **parts)
     train_pairs, eval_pairs, collate = parts["train_examples"], parts["eval_examples"], parts["collate"]
     trainer = Trainer(recipe, task, backend, run_dir)
-    if cfg.precompute_ref and cfg.loss_type not in REFERENCE_FREE:
+    if cfg.precompute_ref and loss.needs_reference:
         size = recipe.train.eval_batch_size or recipe.train.batch_size
         for examples in filter(None, (train_pairs, eval_pairs)):
             precompute_reference(backend.unwrap(trainer.model), examples, collate, backend, size)

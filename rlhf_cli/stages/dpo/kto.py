@@ -16,12 +16,12 @@ from functools import partial
 
 import torch
 
-from ...algorithms.preference import kto_loss
+from ...algorithms.preference import KTOLoss
 from ...data.collate import pad_batch
 from ...data.loaders import load_unpaired
 from ...data.sft import IGNORE_INDEX
 from ...errors import UserError
-from ...schema import DPOSection, Recipe
+from ...schema import Recipe
 
 
 def prompt_length(labels: list[int]) -> int:
@@ -62,7 +62,7 @@ def global_mean(value: torch.Tensor, count: int) -> torch.Tensor:
     return (packed[0] / packed[1]).to(value.dtype)
 
 
-def kto_step_loss(model, batch, *, cfg: DPOSection):
+def kto_step_loss(model, batch, *, loss: KTOLoss):
     half = batch["input_ids"].shape[0] // 2
     main = [batch[k][:half] for k in ("input_ids", "attention_mask", "labels")]
     kl_rows = [batch[k][half:] for k in ("input_ids", "attention_mask", "labels")]
@@ -73,10 +73,8 @@ def kto_step_loss(model, batch, *, cfg: DPOSection):
     ref_logps, ref_kl_logps = ref[:half], ref[half:]
     z = global_mean((kl_logps - ref_kl_logps).mean(), half).clamp(min=0)
     desirable = batch["desirable"]
-    losses = kto_loss(logps, ref_logps, desirable, z, beta=cfg.beta,
-                      desirable_weight=cfg.kto_desirable_weight,
-                      undesirable_weight=cfg.kto_undesirable_weight)
-    rewards = cfg.beta * (logps.detach() - ref_logps)
+    losses = loss(logps, ref_logps, desirable, z)
+    rewards = loss.beta * (logps.detach() - ref_logps)
     metrics = {
         "kl": float(z) * half,  # divided by the examples: the mean z over micro-batches
         "_desirable": float(desirable.sum()),
@@ -112,7 +110,7 @@ def check_kto(recipe: Recipe) -> None:
                         "another example's completion", where="train.batch_size")
 
 
-def kto_parts(recipe: Recipe, tokenizer, backend) -> dict:
+def kto_parts(recipe: Recipe, tokenizer, backend, loss: KTOLoss) -> dict:
     """Train/eval examples, collate, weight, loss and metric finishing for the shared loop."""
     check_kto(recipe)
     data = recipe.data
@@ -123,7 +121,7 @@ def kto_parts(recipe: Recipe, tokenizer, backend) -> dict:
         "collate": partial(collate_unpaired, pad_token_id=tokenizer.pad_token_id,
                            max_length=data.max_length),
         "batch_weight": lambda batch: batch["input_ids"].shape[0] // 2,
-        "loss_fn": partial(kto_step_loss, cfg=recipe.dpo),
+        "loss_fn": partial(kto_step_loss, loss=loss),
         "finish_metrics": finish_kto_metrics,
         "weight_name": "examples",
     }

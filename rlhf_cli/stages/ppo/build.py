@@ -72,7 +72,7 @@ def build_arrangement(recipe: Recipe, tokenizer=None, announce: bool = False) ->
 
 
 def needs_critic(recipe: Recipe) -> bool:
-    return recipe.ppo.advantage == "gae"
+    return recipe.ppo.estimator.needs_critic
 
 
 def _reward_model(recipe: Recipe, kind: str):

@@ -6,11 +6,6 @@ import math
 
 from ...schema import Recipe
 
-_ESTIMATORS = {
-    "grpo": "each score minus its prompt's mean, over that group's std",
-    "rloo": "each score minus the mean of its prompt's other samples",
-    "reinforce_pp": "REINFORCE++: discounted returns, whitened over the batch",
-}
 _WITHOUT_CRITIC = {
     "1base-1lora": "one base: the policy LoRA (+ the frozen RM adapter with an RM)",
     "2base-2lora": "policy base + policy LoRA; the RM base with the frozen RM adapter",
@@ -31,11 +26,11 @@ def ppo_plan(recipe: Recipe) -> list[str]:
     if ppo.micro_batch_size and ppo.micro_batch_size < ppo.mini_batch_size:
         lines.append(f"micro-batches: {ppo.micro_batch_size} responses per forward/backward, "
                      f"{ppo.mini_batch_size // ppo.micro_batch_size} accumulated per optimizer step")
-    if ppo.advantage == "gae":
-        lines.append(f"advantage: gae (gamma {ppo.gamma}, lambda {ppo.lam}) with a critic: value head, "
-                     f"value loss, arrangement {ppo.arrangement}")
+    if ppo.estimator.needs_critic:
+        lines.append(f"advantage: {ppo.advantage} (gamma {ppo.gamma}, lambda {ppo.lam}) with a critic: "
+                     f"value head, value loss, arrangement {ppo.arrangement}")
     else:
-        lines.append(f"advantage: {ppo.advantage} ({_ESTIMATORS[ppo.advantage]}); critic-free: no value "
+        lines.append(f"advantage: {ppo.advantage} ({ppo.estimator.summary}); critic-free: no value "
                      "head, no value loss, no critic learning rate")
         lines.append(f"arrangement {ppo.arrangement} without a critic: {_WITHOUT_CRITIC[ppo.arrangement]}")
     kl = f"adaptive from {ppo.kl_coef} to KL {ppo.kl_target}" if ppo.adaptive_kl else str(ppo.kl_coef)

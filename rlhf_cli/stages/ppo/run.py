@@ -44,7 +44,6 @@ from .saving import WithPPOState, save_ppo_final
 from .update import ppo_update
 
 SAMPLES = "samples.jsonl"
-GROUP_ESTIMATORS = ("grpo", "rloo")
 # Not the run's seed itself: that one already drew the initial weights.
 SAMPLING_SEED_OFFSET = 1
 
@@ -138,7 +137,7 @@ class PPORun:
         lengths = rollout.response_mask.sum(dim=1)
         sums = [float(scores.sum()), float(experience.kl_per_response.sum()), float(lengths.sum()),
                 float((~rollout.ended).sum()), float(len(examples))]
-        if self.ppo.advantage in GROUP_ESTIMATORS:
+        if self.ppo.estimator.group_relative:
             sums.append(zero_std_share(scores, self.ppo.samples_per_prompt) * len(prompts))
         totals = self._global_sum(sums)
         score, kl, length, no_eos = (v / max(totals[4], 1.0) for v in totals[:4])
