@@ -37,13 +37,18 @@ def train_rows(run: Path) -> list[dict]:
     return cli_helpers.train_rows(run, strict=True)  # a blank line in metrics.jsonl fails too
 
 
+def machine_figure(key: str) -> bool:
+    return key.startswith("time_") or key in ("rss_mb", "cuda_peak_mb")
+
+
 def assert_same_run(run: Path, straight: Path) -> None:
-    """Every logged number (timings aside) and both saved policies equal an uninterrupted run's."""
+    """Every logged number (the machine's figures aside: timings, memory) and both saved
+    policies equal an uninterrupted run's."""
     rows, expected = train_rows(run), train_rows(straight)
     assert [r["step"] for r in rows] == [r["step"] for r in expected]
     for row, want in zip(rows, expected, strict=True):
-        keys = {k for k in want if not k.startswith("time_")}
-        assert keys == {k for k in row if not k.startswith("time_")}, (row, want)
+        keys = {k for k in want if not machine_figure(k)}
+        assert keys == {k for k in row if not machine_figure(k)}, (row, want)
         for key in keys:
             assert row[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), (row["step"], key)
     for final in ("final", "final-online"):
