@@ -12,9 +12,9 @@ from ppo_helpers import RECIPE, OneProcess, rollout_of
 
 from rlhf_cli.config import load_recipe
 from rlhf_cli.errors import UserError
+from rlhf_cli.models.arrangement_build import build_arrangement
 from rlhf_cli.stages.common import tokenizer_for
 from rlhf_cli.stages.ppo import update as update_module
-from rlhf_cli.stages.ppo.build import build_arrangement
 from rlhf_cli.stages.ppo.ema import EMA_FILE, ActorEMA
 from rlhf_cli.stages.ppo.experience import build_experience
 from rlhf_cli.stages.ppo.guard import BadUpdates

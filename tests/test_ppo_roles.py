@@ -25,9 +25,9 @@ from ppo_helpers import (
 
 from rlhf_cli.config import load_recipe
 from rlhf_cli.errors import UserError
+from rlhf_cli.models.adapters import CRITIC
+from rlhf_cli.models.arrangement_build import build_arrangement
 from rlhf_cli.stages.common import tokenizer_for
-from rlhf_cli.stages.ppo.adapters import CRITIC
-from rlhf_cli.stages.ppo.build import build_arrangement
 from rlhf_cli.stages.ppo.experience import build_experience
 from rlhf_cli.stages.ppo.optim import ppo_optimizer
 from rlhf_cli.stages.ppo.update import ppo_update

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ...models.adapters import POLICY
 from ...models.zero3 import gathered
-from .adapters import POLICY
 
 EMA_FILE = "ema.safetensors"
 

@@ -31,10 +31,10 @@ from ...engine.plots import plot_run
 from ...engine.progress import TrainingProgress
 from ...engine.run_dir import FINAL
 from ...errors import UserError
+from ...models.arrangement_build import build_arrangement
 from ...rewards import load_reward_fn
 from ...schema import Recipe
 from ..common import say, tokenizer_for
-from .build import build_arrangement
 from .ema import ActorEMA
 from .experience import build_experience, zero_std_share
 from .guard import BadUpdates, check_kl, check_scores

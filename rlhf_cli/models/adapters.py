@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ...errors import UserError
+from ..errors import UserError
 
 REWARD = "reward"
 CRITIC = "critic"

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...algorithms.ppo import entropy_from_logits
-from ...models.decoder import decoder_states, inner_causal_lm
-from ...models.lm_forward import frozen_head, frozen_head_logprobs, selected_logits, shifted_targets
-from ...models.logits import require_head
-from ...models.reward import last_token_index
+from ..algorithms.ppo import entropy_from_logits
+from .decoder import decoder_states, inner_causal_lm
+from .lm_forward import frozen_head, frozen_head_logprobs, selected_logits, shifted_targets
+from .logits import require_head
+from .reward import last_token_index
 
 STAGE = "ppo"
 

@@ -5,7 +5,7 @@ actor's log-probs and entropy and the critic's values for a batch of rollouts; t
 no-grad roles (reference log-probs, reward scores, generation) are methods called on the
 unwrapped module, always in eval mode. The reference is always the untouched base:
 adapters disabled (one-base arrangements) or a frozen copy (`separate`); nothing is ever
-merged into it. `build.py` constructs them from a recipe.
+merged into it. `arrangement_build.py` constructs them from a recipe.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import functools
 
 import torch
 
-from ...errors import UserError
-from ...models.reward import score_sequences
+from ..errors import UserError
 from .adapters import CRITIC, REWARD, adapters_disabled, using_adapter
 from .heads import (
     apply_head,
@@ -26,6 +25,7 @@ from .heads import (
     sequence_reward,
     token_logprobs_and_entropy,
 )
+from .reward import score_sequences
 
 
 def in_eval_mode(method):

@@ -1,4 +1,4 @@
-"""Building an arrangement (roles.py) from a recipe: which bases to load, which adapters
+"""Building an arrangement (arrangements.py) from a recipe: which bases to load, which adapters
 go where, and where the critic and the reward come from.
 
 - The actor is the policy base with a fresh LoRA (B = 0): it starts equal to the reference.
@@ -17,17 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ...errors import UserError
-from ...models.dropout import apply_dropout_setting
-from ...models.loading import (
-    add_lora,
-    enable_gradient_checkpointing,
-    load_causal_lm,
-    lora_config,
-    resolve_base,
-)
-from ...models.logits import check_head
-from ...schema import Recipe
+from ..errors import UserError
+from ..schema import Recipe
 from .adapters import (
     CRITIC,
     POLICY,
@@ -40,8 +31,17 @@ from .adapters import (
     reward_model_dir,
     same_base,
 )
+from .arrangements import Arrangement, OneBaseOneLora, OneBaseTwoLora, Separate, TwoBase
+from .dropout import apply_dropout_setting
 from .heads import linear_head_from, zero_head
-from .roles import Arrangement, OneBaseOneLora, OneBaseTwoLora, Separate, TwoBase
+from .loading import (
+    add_lora,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    lora_config,
+    resolve_base,
+)
+from .logits import check_head
 
 
 def build_arrangement(recipe: Recipe, tokenizer=None, announce: bool = False) -> Arrangement:
@@ -158,8 +158,8 @@ def _two_base(recipe: Recipe, actor, rm_dir, critic: bool) -> Arrangement:
 
 
 def _sequence_classifier(recipe: Recipe, source: str):
-    from ...models.loading import torch_dtype
-    from ...models.reward import sequence_classifier
+    from .loading import torch_dtype
+    from .reward import sequence_classifier
 
     try:
         model = sequence_classifier(source, torch_dtype(recipe.model.dtype), recipe.model.trust_remote_code)
