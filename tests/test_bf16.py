@@ -161,7 +161,7 @@ def test_dpo_family_in_bf16(in_process, spy, tmp_path, loss_type):
 
 
 def spy_ppo(spy: Spy) -> None:
-    from rlhf_cli.models import arrangements, heads
+    from rlhf_cli.models import arrangements
     from rlhf_cli.stages.ppo import experience, update
 
     spy_body(spy)
@@ -170,14 +170,16 @@ def spy_ppo(spy: Spy) -> None:
 
     def spied_apply_head(head, states):
         # The value head trains (float32); a reward head keeps its RM's dtype (frozen).
-        spy.note("value_head" if head.weight.requires_grad else "reward_head", head.weight)
+        weight = next(head.parameters())  # the RM's own `score` may be wrapped by peft
+        spy.note("value_head" if weight.requires_grad else "reward_head", weight)
         out = apply_head(head, states)
         spy.note("head_out", out)
         return out
 
-    spy.monkeypatch.setattr(arrangements, "apply_head", spied_apply_head)  # values
-    spy.monkeypatch.setattr(heads, "apply_head", spied_apply_head)  # rewards (sequence_reward)
     from rlhf_cli.models import lm_forward, reward
+
+    spy.monkeypatch.setattr(arrangements, "apply_head", spied_apply_head)  # values
+    spy.monkeypatch.setattr(reward, "apply_head", spied_apply_head)  # rewards (last_token_scores)
 
     scores_from_states = reward.scores_from_states
 

@@ -18,14 +18,13 @@ import torch
 from ..errors import UserError
 from .adapters import CRITIC, REWARD, adapters_disabled, using_adapter
 from .heads import (
-    apply_head,
     hidden_states,
     lm_loss,
     response_states,
     sequence_reward,
     token_logprobs_and_entropy,
 )
-from .reward import score_sequences
+from .reward import apply_head, score_sequences
 
 
 def in_eval_mode(method):
