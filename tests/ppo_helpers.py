@@ -61,11 +61,15 @@ def rm_own_scores(rm_run: Path, input_ids, attention_mask) -> torch.Tensor:
 
 
 def trainable_groups(arrangement) -> set[str]:
+    return name_groups(name for name, param in arrangement.named_parameters() if param.requires_grad)
+
+
+def name_groups(names) -> set[str]:
+    """`part/adapter` (`actor/default`) of each LoRA weight's name, `part` of the others'."""
     groups = set()
-    for name, param in arrangement.named_parameters():
-        if param.requires_grad:
-            adapter = f"/{name.split('.lora_')[1].split('.')[1]}" if ".lora_" in name else ""
-            groups.add(name.split(".")[0] + adapter)
+    for name in names:
+        adapter = f"/{name.split('.lora_')[1].split('.')[1]}" if ".lora_" in name else ""
+        groups.add(name.split(".")[0] + adapter)
     return groups
 
 

@@ -123,6 +123,9 @@ class Fake(torch.nn.Module):
         with torch.no_grad():
             self.actor["default"].weight.copy_(torch.tensor([[1.0, 2.0]]))
 
+    def actor_parameters(self):  # as an arrangement lists its policy's weights
+        return {"actor.default.weight": self.actor["default"].weight}
+
 
 def test_ema_by_hand():
     model = Fake()

@@ -34,6 +34,11 @@ def active_adapters(peft_model) -> list[str]:
     return [active] if isinstance(active, str) else list(active)
 
 
+def adapter_parameters(peft_model, name: str) -> list[torch.nn.Parameter]:
+    """The weights of adapter `name` (peft puts its name in theirs: `...lora_A.<name>.weight`)."""
+    return [param for pname, param in peft_model.named_parameters() if f".{name}." in pname]
+
+
 def _tuner_layers(peft_model) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -164,9 +169,8 @@ def _load_rm_lora(peft_model, adapter_dir: Path, name: str, trainable: bool) -> 
     unused = [k for k in result.unexpected_keys if "lora_" in k]
     if unused:
         raise UserError(f"{adapter_dir}: adapter weights do not fit this base ({unused[:2]})", where=WHERE)
-    for pname, param in peft_model.named_parameters():
-        if f".{name}." in pname:
-            param.requires_grad_(trainable)
+    for param in adapter_parameters(peft_model, name):
+        param.requires_grad_(trainable)
     return head
 
 

@@ -25,6 +25,7 @@ from .adapters import (
     REWARD,
     WHERE,
     adapter_base,
+    adapter_parameters,
     add_rm_adapter,
     checkpoint_under_forward_adapter,
     peft_with_rm_adapter,
@@ -63,8 +64,7 @@ def build_arrangement(recipe: Recipe, tokenizer=None, announce: bool = False) ->
         arrangement = _two_base(recipe, actor, rm_dir, critic)
     else:
         arrangement = _separate(recipe, actor, rm_dir, rm_kind, critic)
-    # Log-probs at the temperature the rollouts are sampled with (π/T), for every role.
-    arrangement.temperature = recipe.ppo.temperature
+    arrangement.configure(recipe.ppo)
     # Every role at once, once all adapters are in: old log-probs and values come from eval
     # mode, so dropout in the update's forward would move the first ratio away from 1.
     apply_dropout_setting(arrangement, recipe, announce)
@@ -104,9 +104,8 @@ def _check_tokenizer(rm_dir, tokenizer, trust_remote_code: bool = False) -> None
 
 
 def _set_trainable(peft_model, adapter: str) -> None:
-    for name, param in peft_model.named_parameters():
-        if f".{adapter}." in name:
-            param.requires_grad_(True)
+    for param in adapter_parameters(peft_model, adapter):
+        param.requires_grad_(True)
 
 
 def _one_base(recipe: Recipe, actor, rm_dir, two_lora: bool, critic: bool) -> Arrangement:
