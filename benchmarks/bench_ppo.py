@@ -254,8 +254,8 @@ def count_held(recipe_path: Path) -> dict:
     import torch
 
     from rlhf_cli.config import load_recipe
+    from rlhf_cli.models.arrangement_build import build_arrangement
     from rlhf_cli.models.policy import tokenizer_for
-    from rlhf_cli.stages.ppo.build import build_arrangement
 
     recipe = load_recipe(recipe_path, stage="ppo")
     arrangement = build_arrangement(recipe, tokenizer_for(recipe))

@@ -17,8 +17,8 @@ from cli_helpers import REPO
 from rlhf_cli.config import load_recipe
 from rlhf_cli.data.prompt_data import build_prompt_dataset
 from rlhf_cli.data.sources import load_source
+from rlhf_cli.models.heads import hidden_states, response_states, token_logprobs_and_entropy
 from rlhf_cli.models.loading import load_causal_lm
-from rlhf_cli.stages.ppo.heads import hidden_states, response_states, token_logprobs_and_entropy
 from rlhf_cli.stages.ppo.rollout import sample
 
 RECIPE = REPO / "recipes" / "tiny-ppo-1base-1lora.yaml"
@@ -61,11 +61,15 @@ def rm_own_scores(rm_run: Path, input_ids, attention_mask) -> torch.Tensor:
 
 
 def trainable_groups(arrangement) -> set[str]:
+    return name_groups(name for name, param in arrangement.named_parameters() if param.requires_grad)
+
+
+def name_groups(names) -> set[str]:
+    """`part/adapter` (`actor/default`) of each LoRA weight's name, `part` of the others'."""
     groups = set()
-    for name, param in arrangement.named_parameters():
-        if param.requires_grad:
-            adapter = f"/{name.split('.lora_')[1].split('.')[1]}" if ".lora_" in name else ""
-            groups.add(name.split(".")[0] + adapter)
+    for name in names:
+        adapter = f"/{name.split('.lora_')[1].split('.')[1]}" if ".lora_" in name else ""
+        groups.add(name.split(".")[0] + adapter)
     return groups
 
 

@@ -8,6 +8,7 @@ import torch
 from tensor_helpers import close
 
 from rlhf_cli.algorithms.masked import (
+    last_token_index,
     masked_mean,
     masked_moments,
     masked_sum,
@@ -86,3 +87,13 @@ def test_whiten_keeps_gradients_finite_under_nan_padding():
     masked_whiten(x, M).sum().backward()
     assert torch.isfinite(x.grad).all()
     close(x.grad[1, 1:], [0.0, 0.0])
+
+
+def test_last_token_index_comes_from_the_mask_and_is_minus_one_for_an_empty_row():
+    mask = torch.tensor([[1, 1, 1, 0, 0],   # right padding -> 2
+                         [0, 0, 1, 1, 1],   # left padding -> 4
+                         [1, 1, 1, 1, 1],   # none -> 4
+                         [0, 1, 1, 0, 0],   # a prefix before, padding after -> 2
+                         [0, 0, 0, 0, 0]])  # all padding: no last token -> -1, never a padding index
+    assert last_token_index(mask).tolist() == [2, 4, 4, 2, -1]
+    assert last_token_index(mask.bool()).tolist() == [2, 4, 4, 2, -1]  # any mask dtype

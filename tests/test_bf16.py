@@ -161,22 +161,25 @@ def test_dpo_family_in_bf16(in_process, spy, tmp_path, loss_type):
 
 
 def spy_ppo(spy: Spy) -> None:
-    from rlhf_cli.stages.ppo import experience, heads, roles, update
+    from rlhf_cli.models import arrangements
+    from rlhf_cli.stages.ppo import experience, update
 
     spy_body(spy)
-    spy.wrap(roles, "token_logprobs_and_entropy", "logp")
-    apply_head = roles.apply_head
+    spy.wrap(arrangements, "token_logprobs_and_entropy", "logp")
+    apply_head = arrangements.apply_head
 
     def spied_apply_head(head, states):
         # The value head trains (float32); a reward head keeps its RM's dtype (frozen).
-        spy.note("value_head" if head.weight.requires_grad else "reward_head", head.weight)
+        weight = next(head.parameters())  # the RM's own `score` may be wrapped by peft
+        spy.note("value_head" if weight.requires_grad else "reward_head", weight)
         out = apply_head(head, states)
         spy.note("head_out", out)
         return out
 
-    spy.monkeypatch.setattr(roles, "apply_head", spied_apply_head)  # values
-    spy.monkeypatch.setattr(heads, "apply_head", spied_apply_head)  # rewards (sequence_reward)
     from rlhf_cli.models import lm_forward, reward
+
+    spy.monkeypatch.setattr(arrangements, "apply_head", spied_apply_head)  # values
+    spy.monkeypatch.setattr(reward, "apply_head", spied_apply_head)  # rewards (last_token_scores)
 
     scores_from_states = reward.scores_from_states
 
@@ -258,9 +261,9 @@ def test_bf16_log_probs_match_the_models_own_logits_in_float32(rlhf_home, lora):
     A log-softmax taken in bf16 is off by ~0.1 on these sums (measured), ~100x more; the same
     weights in float32 by ~0.01-0.05, so the bf16 model is what is being checked."""
     from rlhf_cli.config import load_recipe
+    from rlhf_cli.models.heads import hidden_states, response_states, token_logprobs_and_entropy
     from rlhf_cli.models.lm_forward import sequence_logprobs
     from rlhf_cli.models.loading import add_lora, load_causal_lm
-    from rlhf_cli.stages.ppo.heads import hidden_states, response_states, token_logprobs_and_entropy
 
     recipe = load_recipe(REPO / "recipes" / "tiny-sft.yaml", ["model.dtype=bf16"])
     torch.manual_seed(0)

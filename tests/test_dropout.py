@@ -22,9 +22,9 @@ from cli_helpers import REPO, train_rows
 from ppo_helpers import OneProcess, ppo_recipe, rollout_of
 
 from rlhf_cli.config import load_recipe
+from rlhf_cli.models.arrangement_build import build_arrangement
 from rlhf_cli.models.dropout import disable_dropout, dropout_disabled
 from rlhf_cli.models.policy import policy_model, tokenizer_for
-from rlhf_cli.stages.ppo.build import build_arrangement
 from rlhf_cli.stages.ppo.experience import build_experience
 from rlhf_cli.stages.ppo.optim import ppo_optimizer
 from rlhf_cli.stages.ppo.update import ppo_update

@@ -81,7 +81,7 @@ def test_sequence_and_sft_paths_equal_the_models_logits(family):
 
 
 def test_ppo_paths_equal_the_models_logits(family):
-    from rlhf_cli.stages.ppo.heads import hidden_states, lm_loss, response_states, token_logprobs_and_entropy
+    from rlhf_cli.models.heads import hidden_states, lm_loss, response_states, token_logprobs_and_entropy
 
     name, model = family
     ids, mask, labels = batch(1)
@@ -101,7 +101,7 @@ def test_ppo_paths_equal_the_models_logits(family):
 
 def test_a_trainable_head_equals_the_models_logits(family):
     """Full fine-tuning: the head trains, so PPO's log-probs take autograd's path."""
-    from rlhf_cli.stages.ppo.heads import hidden_states, response_states, token_logprobs_and_entropy
+    from rlhf_cli.models.heads import hidden_states, response_states, token_logprobs_and_entropy
 
     name, lora_model = family
     model = lora_model.get_base_model()

@@ -88,8 +88,8 @@ def test_chunked_entropy_and_logprobs_equal_the_full_logits(monkeypatch, tempera
 
 def test_ppo_token_logprobs_take_the_chunked_path_and_agree(lora_lm, monkeypatch):
     from rlhf_cli.algorithms.ppo import entropy_from_logits
-    from rlhf_cli.stages.ppo import heads
-    from rlhf_cli.stages.ppo.heads import hidden_states, response_states, token_logprobs_and_entropy
+    from rlhf_cli.models import heads
+    from rlhf_cli.models.heads import hidden_states, response_states, token_logprobs_and_entropy
 
     calls = []
     monkeypatch.setattr(heads, "frozen_head_logprobs",
@@ -163,8 +163,8 @@ def test_a_model_the_fast_path_does_not_reproduce_takes_the_full_forward_with_on
 
 def test_ppo_refuses_a_head_it_cannot_use_naming_model_and_stage():
     from rlhf_cli.errors import UserError
+    from rlhf_cli.models.heads import hidden_states, token_logprobs_and_entropy
     from rlhf_cli.models.logits import check_head
-    from rlhf_cli.stages.ppo.heads import hidden_states, token_logprobs_and_entropy
 
     model = _with_unknown_transform(_family("opt"))
     with pytest.raises(UserError, match=r"OPTForCausalLM.*cannot be used for ppo"):
@@ -181,7 +181,7 @@ def test_ppo_refuses_a_head_it_cannot_use_naming_model_and_stage():
 
 def test_a_value_or_reward_head_needs_a_decoder_body():
     from rlhf_cli.errors import UserError
-    from rlhf_cli.stages.ppo.heads import hidden_states
+    from rlhf_cli.models.heads import hidden_states
 
     model = _family("gpt2")
     model.base_model_prefix = "body_that_is_not_there"

@@ -12,9 +12,9 @@ from ppo_helpers import RECIPE, OneProcess, rollout_of
 
 from rlhf_cli.config import load_recipe
 from rlhf_cli.errors import UserError
+from rlhf_cli.models.arrangement_build import build_arrangement
 from rlhf_cli.models.policy import tokenizer_for
 from rlhf_cli.stages.ppo import update as update_module
-from rlhf_cli.stages.ppo.build import build_arrangement
 from rlhf_cli.stages.ppo.ema import EMA_FILE, ActorEMA
 from rlhf_cli.stages.ppo.experience import build_experience
 from rlhf_cli.stages.ppo.guard import BadUpdates
@@ -122,6 +122,9 @@ class Fake(torch.nn.Module):
         self.value_head = torch.nn.Linear(2, 1, bias=False)
         with torch.no_grad():
             self.actor["default"].weight.copy_(torch.tensor([[1.0, 2.0]]))
+
+    def actor_parameters(self):  # as an arrangement lists its policy's weights
+        return {"actor.default.weight": self.actor["default"].weight}
 
 
 def test_ema_by_hand():

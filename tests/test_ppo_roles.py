@@ -17,6 +17,7 @@ from ppo_helpers import (
     OneProcess,
     base_logprobs,
     flags,
+    name_groups,
     ppo_recipe,
     rm_own_scores,
     rollout_of,
@@ -25,9 +26,9 @@ from ppo_helpers import (
 
 from rlhf_cli.config import load_recipe
 from rlhf_cli.errors import UserError
+from rlhf_cli.models.adapters import CRITIC
+from rlhf_cli.models.arrangement_build import build_arrangement
 from rlhf_cli.models.policy import tokenizer_for
-from rlhf_cli.stages.ppo.adapters import CRITIC
-from rlhf_cli.stages.ppo.build import build_arrangement
 from rlhf_cli.stages.ppo.experience import build_experience
 from rlhf_cli.stages.ppo.optim import ppo_optimizer
 from rlhf_cli.stages.ppo.update import ppo_update
@@ -89,6 +90,47 @@ def test_reward_function_runs_start_from_the_policy_base(kind, rlhf_home):
     assert torch.count_nonzero(values) == 0
     with pytest.raises(UserError, match="no reward model"):
         arrangement.reward_scores(ro.input_ids, ro.attention_mask)
+
+
+# Each arrangement's own list of what its critic trains (besides the actor's policy adapter).
+CRITIC_WEIGHTS = {
+    "1base-1lora": {"value_head"},  # + the policy adapter, shared: one optimizer group
+    "1base-2lora": {"actor/critic", "value_head"},
+    "2base-2lora": {"rm_body/critic", "value_head"},
+    "separate": {"critic/default", "value_head"},
+}
+
+
+@pytest.mark.parametrize("kind", ARRANGEMENTS)
+def test_each_arrangement_lists_its_actor_and_critic_weights(kind, rlhf_home):
+    recipe = ppo_recipe(kind, None, "ppo.critic_lr_ratio=0.5")
+    arrangement = build_arrangement(recipe, tokenizer_for(recipe))
+    actor, critic = arrangement.actor_parameters(), arrangement.critic_parameters()
+    # The policy adapter, named as the EMA and every checkpoint name it (`actor.` ... `.default.`).
+    assert set(actor) == {n for n, p in arrangement.named_parameters()
+                          if p.requires_grad and n.startswith("actor.") and ".default." in n}
+    assert name_groups(critic) == CRITIC_WEIGHTS[kind] and not actor.keys() & critic.keys()
+    assert actor.keys() | critic.keys() == {n for n, p in arrangement.named_parameters() if p.requires_grad}
+    shared = kind == "1base-1lora"
+    assert arrangement.shares_weights == shared
+    assert recipe.ppo.vf_coef != 1.0 and arrangement.vf_coef == (recipe.ppo.vf_coef if shared else 1.0)
+
+    groups = ppo_optimizer(arrangement, recipe).param_groups
+    lists = [[*actor.values(), *critic.values()]] if shared else [list(actor.values()), list(critic.values())]
+    assert [[id(p) for p in g["params"]] for g in groups] == [[id(p) for p in ps] for ps in lists]
+    assert [g["lr"] for g in groups] == [recipe.train.lr] + ([] if shared else [recipe.train.lr * 0.5])
+
+    # What saving takes from a full state dict: the actor's and the value head's own entries.
+    state = arrangement.state_dict()
+    assert arrangement.actor_state(state).keys() == arrangement.actor.state_dict().keys()
+    assert all(arrangement.actor_state(state)[k.removeprefix("actor.")] is v
+               for k, v in state.items() if k.startswith("actor."))
+    assert arrangement.value_head_state(state).keys() == {"weight"}
+
+    # A trainable weight neither list names would never train: refused, not ignored.
+    arrangement.stray = torch.nn.Linear(2, 1)
+    with pytest.raises(RuntimeError, match="neither the actor's nor the critic's"):
+        ppo_optimizer(arrangement, recipe)
 
 
 # ------------------------------------------------------------- what an update may change
@@ -172,6 +214,8 @@ def test_critic_free_with_a_reward_function(kind, rlhf_home):
     recipe = ppo_recipe(kind, None, "ppo.advantage=rloo", "ppo.samples_per_prompt=2")
     arrangement = build_arrangement(recipe, tokenizer_for(recipe))
     assert trainable_groups(arrangement) == {"actor/default"} and arrangement.value_head is None
+    assert arrangement.critic_parameters() == {} and name_groups(arrangement.actor_parameters()) == {
+        "actor/default"}
 
 
 @pytest.mark.parametrize("overrides, text", [

@@ -73,10 +73,10 @@ def _greedy_without_cache(lm, ids: list[int], steps: int) -> list[int]:
 @torch.no_grad()
 def test_remote_code_model_loads_and_its_normhead_logits_are_what_every_path_uses(baichuan):
     from rlhf_cli.engine.sampling import generate
+    from rlhf_cli.models.heads import token_logprobs_and_entropy
     from rlhf_cli.models.lm_forward import position_ids_from, sequence_logprobs
     from rlhf_cli.models.loading import add_lora, load_causal_lm
     from rlhf_cli.models.policy import tokenizer_for
-    from rlhf_cli.stages.ppo.heads import token_logprobs_and_entropy
 
     recipe = _recipe("tiny-sft.yaml", baichuan, "model.trust_remote_code=true")
     lm = load_causal_lm(recipe.model).eval()

@@ -30,15 +30,28 @@ DPO_FAST = ["--set", "data.train=builtin:sort:train:512", "--set", f"data.eval={
 # ------------------------------------------------------------------ reward model
 
 
-def test_last_token_index_comes_from_the_mask_not_the_pad_id():
+def test_scores_are_read_at_the_last_real_token_and_an_empty_row_has_none(monkeypatch):
+    """By hand: head weights [1, 10] read state (a, b) as a + 10·b; each row's state at
+    position t is (t, row)."""
     import torch
 
-    from rlhf_cli.models.reward import last_token_index
+    from rlhf_cli.models import heads
+    from rlhf_cli.models.reward import last_token_scores
 
-    mask = torch.tensor([[1, 1, 1, 0, 0],   # right padding
-                         [0, 0, 1, 1, 1],   # left padding
-                         [1, 1, 1, 1, 1]])  # none
-    assert last_token_index(mask).tolist() == [2, 4, 4]
+    head = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 10.0]]))
+    hidden = torch.stack([torch.stack([torch.tensor([float(t), float(row)]) for t in range(4)])
+                          for row in range(3)])
+    mask = torch.tensor([[1, 1, 0, 0],   # right padding: last real token t=1 -> 1 + 0 = 1
+                         [0, 1, 1, 1],   # left padding: t=3 -> 3 + 10 = 13
+                         [0, 0, 0, 0]])  # all padding: no token, no score
+    scores = last_token_scores(head, hidden, mask)
+    assert scores[:2].tolist() == [1.0, 13.0] and math.isnan(scores[2])
+    # The PPO arrangements' reward head reads the same way (the body's states given here).
+    monkeypatch.setattr(heads, "hidden_states", lambda model, ids, attention_mask: hidden)
+    ppo_scores = heads.sequence_reward(None, head, None, mask)
+    assert ppo_scores[:2].tolist() == [1.0, 13.0] and math.isnan(ppo_scores[2])
 
 
 def test_reward_is_read_at_the_eos_whatever_the_padding():

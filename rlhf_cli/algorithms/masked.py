@@ -22,6 +22,19 @@ def _float(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index [B] (long) of the last position with mask ≠ 0 in each row of ``mask`` [B, T], for
+    any padding side (right, left, or a prompt prefix before a response).
+
+    A row with no such position (all padding) yields −1: it has no last token, and no padding
+    position is passed off as one; each caller says what such a row gets (``token_rewards``
+    drops its score, the reward heads give NaN). Never found from pad-id equality: the pad id
+    may equal the EOS id, and the EOS is the token a reward model scores.
+    """
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return torch.where(mask != 0, positions, torch.full_like(positions, -1)).max(dim=-1).values
+
+
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Σ_i x_i over positions with mask_i = 1.
 

@@ -31,6 +31,7 @@ from rlhf_cli.algorithms.kl import (
 )
 from rlhf_cli.algorithms.masked import (
     Moments,
+    last_token_index,
     masked_mean,
     masked_moments,
     masked_var,
@@ -60,12 +61,6 @@ __all__ = [
 ]
 
 _LOG_RATIO_CLAMP = 20.0
-
-
-def last_token_index(mask: Tensor) -> Tensor:
-    """Index [B] (long) of the last position with mask = 1 in each row of ``mask`` [B, T]; −1 if none."""
-    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
-    return torch.where(mask != 0, positions, torch.full_like(positions, -1)).max(dim=-1).values
 
 
 def token_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, kl_coef: float | Tensor) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..algorithms.masked import last_token_index
 from ..errors import UserError
 from ..schema import ModelSection
 from .decoder import decoder_of, decoder_states, inner_causal_lm
@@ -12,22 +13,28 @@ from .quantization import after_quantized_load, quantized_load_kwargs
 from .remote_code import check_trust
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last position with attention 1 in each row, for any padding side.
+def apply_head(head: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """[..., H] -> [...] float32 through a scalar head [H -> 1]; the states are cast to the
+    head's dtype (a float32 head on a bf16 body would otherwise fail outside autocast)."""
+    return head(states.to(next(head.parameters()).dtype)).squeeze(-1).float()
 
-    Never from pad-id equality: pad may equal EOS, and the EOS is the token we want.
+
+def last_token_scores(head: torch.nn.Module, hidden: torch.Tensor, attention_mask) -> torch.Tensor:
+    """Scalar score per row [B]: `head` on the state of each row's last real token (its EOS).
+
+    A row with no real token (all padding) has no score: NaN, which the NaN/inf checks catch,
+    rather than a number read off a padding position.
     """
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask.long()).argmax(dim=1)
+    last = last_token_index(attention_mask)
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.clamp(min=0)]
+    scores = apply_head(head, picked)
+    return torch.where(last >= 0, scores, torch.full_like(scores, float("nan")))
 
 
 def scores_from_states(model, hidden: torch.Tensor, attention_mask) -> torch.Tensor:
-    """Scalar reward per row [B]: the score head on the last real token's state."""
-    last = last_token_index(attention_mask)
-    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    score = inner_causal_lm(model).score
+    """Scalar reward per row [B]: the RM's score head on the last real token's state."""
     # The head may be float32 on a bf16 body (load_sequence_classifier): it reads float32 states.
-    return score(picked.to(next(score.parameters()).dtype)).squeeze(-1).float()
+    return last_token_scores(inner_causal_lm(model).score, hidden, attention_mask)
 
 
 def score_sequences(model, input_ids, attention_mask) -> torch.Tensor:

@@ -21,15 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ...models.zero3 import gathered
-from .adapters import POLICY
 
 EMA_FILE = "ema.safetensors"
-
-
-def actor_parameters(arrangement) -> dict[str, torch.nn.Parameter]:
-    """The policy's trainable weights, by name in the arrangement (`actor.` ... `.default.`)."""
-    return {name: p for name, p in arrangement.named_parameters()
-            if p.requires_grad and name.startswith("actor.") and f".{POLICY}." in name}
 
 
 class ActorEMA:
@@ -37,7 +30,7 @@ class ActorEMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
-        self.params = actor_parameters(arrangement)
+        self.params = arrangement.actor_parameters()  # by name in the arrangement's state dict
         with gathered(self.params.values()):
             self.shadow = {n: p.detach().to(torch.float32, copy=True) for n, p in self.params.items()}
 

@@ -30,10 +30,10 @@ from ...engine.plots import plot_run
 from ...engine.progress import TrainingProgress, say
 from ...engine.run_dir import FINAL
 from ...engine.scoring import make_task_scorer
+from ...models.arrangement_build import build_arrangement
 from ...models.policy import tokenizer_for
 from ...rewards import load_reward_fn
 from ...schema import Recipe
-from .build import build_arrangement
 from .ema import ActorEMA
 from .experience import build_experience, zero_std_share
 from .guard import BadUpdates, check_kl, check_scores

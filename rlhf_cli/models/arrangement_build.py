@@ -1,4 +1,4 @@
-"""Building an arrangement (roles.py) from a recipe: which bases to load, which adapters
+"""Building an arrangement (arrangements.py) from a recipe: which bases to load, which adapters
 go where, and where the critic and the reward come from.
 
 - The actor is the policy base with a fresh LoRA (B = 0): it starts equal to the reference.
@@ -17,31 +17,32 @@ from pathlib import Path
 
 import torch
 
-from ...errors import UserError
-from ...models.dropout import apply_dropout_setting
-from ...models.loading import (
-    add_lora,
-    enable_gradient_checkpointing,
-    load_causal_lm,
-    lora_config,
-    resolve_base,
-)
-from ...models.logits import check_head
-from ...schema import Recipe
+from ..errors import UserError
+from ..schema import Recipe
 from .adapters import (
     CRITIC,
     POLICY,
     REWARD,
     WHERE,
     adapter_base,
+    adapter_parameters,
     add_rm_adapter,
     checkpoint_under_forward_adapter,
     peft_with_rm_adapter,
     reward_model_dir,
     same_base,
 )
+from .arrangements import Arrangement, OneBaseOneLora, OneBaseTwoLora, Separate, TwoBase
+from .dropout import apply_dropout_setting
 from .heads import linear_head_from, zero_head
-from .roles import Arrangement, OneBaseOneLora, OneBaseTwoLora, Separate, TwoBase
+from .loading import (
+    add_lora,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    lora_config,
+    resolve_base,
+)
+from .logits import check_head
 
 
 def build_arrangement(recipe: Recipe, tokenizer=None, announce: bool = False) -> Arrangement:
@@ -63,8 +64,7 @@ def build_arrangement(recipe: Recipe, tokenizer=None, announce: bool = False) ->
         arrangement = _two_base(recipe, actor, rm_dir, critic)
     else:
         arrangement = _separate(recipe, actor, rm_dir, rm_kind, critic)
-    # Log-probs at the temperature the rollouts are sampled with (π/T), for every role.
-    arrangement.temperature = recipe.ppo.temperature
+    arrangement.configure(recipe.ppo)
     # Every role at once, once all adapters are in: old log-probs and values come from eval
     # mode, so dropout in the update's forward would move the first ratio away from 1.
     apply_dropout_setting(arrangement, recipe, announce)
@@ -104,9 +104,8 @@ def _check_tokenizer(rm_dir, tokenizer, trust_remote_code: bool = False) -> None
 
 
 def _set_trainable(peft_model, adapter: str) -> None:
-    for name, param in peft_model.named_parameters():
-        if f".{adapter}." in name:
-            param.requires_grad_(True)
+    for param in adapter_parameters(peft_model, adapter):
+        param.requires_grad_(True)
 
 
 def _one_base(recipe: Recipe, actor, rm_dir, two_lora: bool, critic: bool) -> Arrangement:
@@ -158,9 +157,9 @@ def _two_base(recipe: Recipe, actor, rm_dir, critic: bool) -> Arrangement:
 
 
 def _sequence_classifier(recipe: Recipe, source: str):
-    from ...models.loading import torch_dtype
-    from ...models.quantization import quantized_load_kwargs
-    from ...models.reward import sequence_classifier
+    from .loading import torch_dtype
+    from .quantization import quantized_load_kwargs
+    from .reward import sequence_classifier
 
     dtype = torch_dtype(recipe.model.dtype)
     try:

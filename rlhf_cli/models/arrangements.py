@@ -5,7 +5,7 @@ actor's log-probs and entropy and the critic's values for a batch of rollouts; t
 no-grad roles (reference log-probs, reward scores, generation) are methods called on the
 unwrapped module, always in eval mode. The reference is always the untouched base:
 adapters disabled (one-base arrangements) or a frozen copy (`separate`); nothing is ever
-merged into it. `build.py` constructs them from a recipe.
+merged into it. `arrangement_build.py` constructs them from a recipe.
 """
 
 from __future__ import annotations
@@ -15,17 +15,16 @@ import functools
 
 import torch
 
-from ...errors import UserError
-from ...models.reward import score_sequences
-from .adapters import CRITIC, REWARD, adapters_disabled, using_adapter
+from ..errors import UserError
+from .adapters import CRITIC, POLICY, REWARD, adapter_parameters, adapters_disabled, using_adapter
 from .heads import (
-    apply_head,
     hidden_states,
     lm_loss,
     response_states,
     sequence_reward,
     token_logprobs_and_entropy,
 )
+from .reward import apply_head, score_sequences
 
 
 def in_eval_mode(method):
@@ -44,20 +43,71 @@ def in_eval_mode(method):
     return run
 
 
+def _entries_of(state: dict, part: str) -> dict:
+    """The entries of submodule `part` in a module's state dict, without the `part.` prefix."""
+    prefix = f"{part}."
+    return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+
+
 class Arrangement(torch.nn.Module):
     """Common plumbing; subclasses say where the critic's states and the reward come from.
 
     Attributes: `actor` (peft model with the policy adapter `default`), `value_head`
     (trainable [H -> 1], or None: a critic-free estimator trains no critic), `reward_head`
-    (frozen, or None with a reward function).
+    (frozen, or None with a reward function). Each arrangement lists which of its weights
+    the actor and the critic train (`actor_parameters`, `critic_parameters`), so that the
+    optimizer, the EMA and saving never read that from parameter names.
     """
 
     name = "?"
     temperature = 1.0
+    # Actor and critic train the same adapter (1base-1lora): one optimizer group at the actor's
+    # rate, with the value loss weighed against the policy loss by ppo.vf_coef.
+    shares_weights = False
+    vf_coef = 1.0
 
     @property
     def has_critic(self) -> bool:
         return self.value_head is not None
+
+    def configure(self, ppo) -> None:
+        """The recipe settings the roles read: log-probs at the temperature the rollouts are
+        sampled with (π/T), for every role; the value loss's weight in the update's loss,
+        ppo.vf_coef where actor and critic share weights, 1 where the critic has its own (its
+        pace is set by ppo.critic_lr_ratio instead)."""
+        self.temperature = ppo.temperature
+        self.vf_coef = ppo.vf_coef if self.shares_weights else 1.0
+
+    def actor_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The policy's trainable weights (its LoRA adapter), by name in the arrangement."""
+        return self._named(adapter_parameters(self.actor, POLICY))
+
+    def critic_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The critic's own trainable weights, by name in the arrangement: the value head and
+        the critic's adapter or model; none without a critic. Where the weights are shared
+        (1base-1lora), the adapter the critic also trains is listed with the actor's."""
+        if not self.has_critic:
+            return {}
+        return self._named([*self.value_head.parameters(), *self._critic_body_parameters()])
+
+    def _critic_body_parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def _named(self, params) -> dict[str, torch.nn.Parameter]:
+        """The trainable ones of `params` under the names the arrangement's state dict (and so
+        every checkpoint) gives them, in the arrangement's order."""
+        wanted = {id(p) for p in params}
+        return {name: p for name, p in self.named_parameters() if id(p) in wanted and p.requires_grad}
+
+    def actor_state(self, state: dict) -> dict:
+        """The actor's entries of a full state dict of the arrangement, named as in the actor's
+        own state dict (what `actor.save_pretrained(state_dict=...)` takes)."""
+        return _entries_of(state, "actor")
+
+    def value_head_state(self, state: dict) -> dict:
+        """The value head's entries of a full state dict of the arrangement, named as in the
+        head's own; empty without a critic."""
+        return _entries_of(state, "value_head")
 
     def forward(self, input_ids, attention_mask, prompt_width: int, tokens, with_entropy=True,
                 ptx: dict | None = None):
@@ -122,6 +172,7 @@ class OneBaseOneLora(Arrangement):
     """
 
     name = "1base-1lora"
+    shares_weights = True
 
     def __init__(self, actor, value_head: torch.nn.Linear, reward_head: torch.nn.Linear | None):
         super().__init__()
@@ -140,10 +191,14 @@ class OneBaseTwoLora(OneBaseOneLora):
     the RM adapter itself frozen."""
 
     name = "1base-2lora"
+    shares_weights = False
 
     def values(self, input_ids, attention_mask, prompt_width, actor_states):
         with using_adapter(self.actor, CRITIC):
             return self._critic_values(self.actor, input_ids, attention_mask, prompt_width)
+
+    def _critic_body_parameters(self):
+        return adapter_parameters(self.actor, CRITIC)
 
 
 class TwoBase(Arrangement):
@@ -159,6 +214,9 @@ class TwoBase(Arrangement):
 
     def values(self, input_ids, attention_mask, prompt_width, actor_states):
         return self._critic_values(self.rm_body, input_ids, attention_mask, prompt_width)
+
+    def _critic_body_parameters(self):
+        return adapter_parameters(self.rm_body, CRITIC)
 
     def _reward(self, input_ids, attention_mask):
         with using_adapter(self.rm_body, REWARD):
@@ -180,6 +238,9 @@ class Separate(Arrangement):
 
     def values(self, input_ids, attention_mask, prompt_width, actor_states):
         return self._critic_values(self.critic, input_ids, attention_mask, prompt_width)
+
+    def _critic_body_parameters(self):
+        return list(self.critic.parameters())
 
     @contextlib.contextmanager
     def _reference(self):

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...algorithms.ppo import entropy_from_logits
-from ...models.decoder import decoder_states, inner_causal_lm
-from ...models.lm_forward import frozen_head, frozen_head_logprobs, selected_logits, shifted_targets
-from ...models.logits import require_head
-from ...models.reward import last_token_index
+from ..algorithms.ppo import entropy_from_logits
+from .decoder import decoder_states, inner_causal_lm
+from .lm_forward import frozen_head, frozen_head_logprobs, selected_logits, shifted_targets
+from .logits import require_head
+from .reward import last_token_scores
 
 STAGE = "ppo"
 
@@ -57,19 +57,10 @@ def lm_loss(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets[mask])
 
 
-def apply_head(head: torch.nn.Linear, states: torch.Tensor) -> torch.Tensor:
-    """[..., H] -> [...] float32; states are cast to the head's dtype (a float32 value head
-    on a bf16 body would otherwise fail outside autocast)."""
-    return head(states.to(head.weight.dtype)).squeeze(-1).float()
-
-
 def sequence_reward(model, head: torch.nn.Linear, input_ids, attention_mask) -> torch.Tensor:
     """Scalar reward per row from `head` at the last real token (the EOS), computed as
     `rlhf_cli.models.reward.score_sequences` computes an RM's own score."""
-    hidden = hidden_states(model, input_ids, attention_mask)
-    last = last_token_index(attention_mask)
-    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return apply_head(head, picked)
+    return last_token_scores(head, hidden_states(model, input_ids, attention_mask), attention_mask)
 
 
 def linear_head_from(weight: torch.Tensor, trainable: bool, dtype=torch.float32) -> torch.nn.Linear:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ...errors import UserError
+from ..errors import UserError
 
 REWARD = "reward"
 CRITIC = "critic"
@@ -32,6 +32,11 @@ def active_adapters(peft_model) -> list[str]:
     PeftModel.active_adapter keeps the name it was created with)."""
     active = peft_model.base_model.active_adapter
     return [active] if isinstance(active, str) else list(active)
+
+
+def adapter_parameters(peft_model, name: str) -> list[torch.nn.Parameter]:
+    """The weights of adapter `name` (peft puts its name in theirs: `...lora_A.<name>.weight`)."""
+    return [param for pname, param in peft_model.named_parameters() if f".{name}." in pname]
 
 
 def _tuner_layers(peft_model) -> list:
@@ -164,9 +169,8 @@ def _load_rm_lora(peft_model, adapter_dir: Path, name: str, trainable: bool) -> 
     unused = [k for k in result.unexpected_keys if "lora_" in k]
     if unused:
         raise UserError(f"{adapter_dir}: adapter weights do not fit this base ({unused[:2]})", where=WHERE)
-    for pname, param in peft_model.named_parameters():
-        if f".{name}." in pname:
-            param.requires_grad_(trainable)
+    for param in adapter_parameters(peft_model, name):
+        param.requires_grad_(trainable)
     return head
 
 
