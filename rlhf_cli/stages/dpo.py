@@ -17,7 +17,7 @@ import torch
 
 from ..algorithms.preference import dpo_loss
 from ..data.collate import pad_pairs
-from ..engine.loop import StageTask, Trainer
+from ..engine.loop import StageData, StageTask, Trainer
 from ..engine.plots import plot_run
 from ..engine.run_dir import FINAL
 from ..models.lm_forward import sequence_logprobs
@@ -119,18 +119,18 @@ def precompute_reference(objective: DPOObjective, examples, collate, backend, ba
         examples[index]["ref_rejected_logps"] = rejected
 
 
-def _pair_parts(recipe: Recipe, tokenizer, backend) -> dict:
+def _pair_parts(recipe: Recipe, tokenizer, backend) -> StageData:
     """Pairs, collate, weight and loss of the paired losses, for the shared loop."""
     data = recipe.data
-    return {
-        "train_examples": load_pairs(recipe, tokenizer, data.train, "data.train", backend),
-        "eval_examples": (load_pairs(recipe, tokenizer, data.eval, "data.eval", backend)
-                          if data.eval else None),
-        "collate": partial(collate_pairs, pad_token_id=tokenizer.pad_token_id),
-        "batch_weight": lambda batch: batch["input_ids"].shape[0] // 2,
-        "loss_fn": partial(dpo_step_loss, cfg=recipe.dpo),
-        "weight_name": "pairs",
-    }
+    return StageData(
+        train_examples=load_pairs(recipe, tokenizer, data.train, "data.train", backend),
+        eval_examples=(load_pairs(recipe, tokenizer, data.eval, "data.eval", backend)
+                       if data.eval else None),
+        collate=partial(collate_pairs, pad_token_id=tokenizer.pad_token_id),
+        batch_weight=lambda batch: batch["input_ids"].shape[0] // 2,
+        loss_fn=partial(dpo_step_loss, cfg=recipe.dpo),
+        weight_name="pairs",
+    )
 
 
 def run_dpo(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dict:
@@ -141,14 +141,13 @@ def run_dpo(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dic
     frozen = None
     if recipe.model.lora is None and cfg.loss_type not in REFERENCE_FREE and not cfg.precompute_ref:
         frozen = copy.deepcopy(lm).requires_grad_(False).eval()
-    task = StageTask(model=DPOObjective(lm, frozen), evaluate_extra=policy_scorer(recipe, tokenizer, backend),
-                     title=f"dpo ({cfg.loss_type})", **parts)
-    train_pairs, eval_pairs, collate = parts["train_examples"], parts["eval_examples"], parts["collate"]
+    task = StageTask(model=DPOObjective(lm, frozen), data=parts,
+                     evaluate_extra=policy_scorer(recipe, tokenizer, backend), title=f"dpo ({cfg.loss_type})")
     trainer = Trainer(recipe, task, backend, run_dir)
     if cfg.precompute_ref and cfg.loss_type not in REFERENCE_FREE:
         size = recipe.train.eval_batch_size or recipe.train.batch_size
-        for examples in filter(None, (train_pairs, eval_pairs)):
-            precompute_reference(backend.unwrap(trainer.model), examples, collate, backend, size)
+        for examples in filter(None, (parts.train_examples, parts.eval_examples)):
+            precompute_reference(backend.unwrap(trainer.model), examples, parts.collate, backend, size)
         say(backend, "reference log-probs precomputed")
     if resume:
         trainer.resume()

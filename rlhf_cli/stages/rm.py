@@ -21,7 +21,7 @@ from ..algorithms.preference import pairwise_reward_loss
 from ..data.collate import pad_pairs
 from ..data.preference import build_preference_dataset
 from ..data.sources import load_source
-from ..engine.loop import StageTask, Trainer
+from ..engine.loop import StageData, StageTask, Trainer
 from ..engine.plots import plot_run
 from ..engine.run_dir import FINAL
 from ..errors import UserError
@@ -152,14 +152,13 @@ def run_rm(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dict
                if recipe.rm.lm_loss_weight else None)
     task = StageTask(
         model=RewardObjective(model, lm_head),
-        train_examples=train_pairs,
-        eval_examples=eval_pairs,
-        collate=partial(pad_pairs, pad_token_id=tokenizer.pad_token_id),
-        batch_weight=pair_count,
-        loss_fn=partial(rm_loss, margin=recipe.rm.margin, center_weight=recipe.rm.center_weight,
-                        lm_loss_weight=recipe.rm.lm_loss_weight),
+        data=StageData(
+            train_examples=train_pairs, eval_examples=eval_pairs,
+            collate=partial(pad_pairs, pad_token_id=tokenizer.pad_token_id), batch_weight=pair_count,
+            loss_fn=partial(rm_loss, margin=recipe.rm.margin, center_weight=recipe.rm.center_weight,
+                            lm_loss_weight=recipe.rm.lm_loss_weight),
+            weight_name="pairs"),
         title="rm",
-        weight_name="pairs",
     )
     trainer = Trainer(recipe, task, backend, run_dir)
     if resume:
@@ -167,8 +166,8 @@ def run_rm(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dict
     last_eval = trainer.run()
     stats_row = last_eval
     if not stats_row:  # no eval data: the statistics come from training pairs
-        trainer.task.eval_examples = train_pairs[:TRAIN_STATS_PAIRS]
-        stats_row = trainer.evaluate(trainer.total_steps, log=False)
+        trainer.data.eval_examples = train_pairs[:TRAIN_STATS_PAIRS]
+        stats_row = trainer.evaluate(trainer.total_steps)
     stats = json.dumps(reward_stats(stats_row, "eval" if last_eval else "train"), indent=1)
     final = save_final_model(backend, trainer.model, lambda m: m.rm, tokenizer, run_dir / FINAL,
                              prefix="rm.", extra_files={REWARD_STATS: stats})

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..data.collate import pad_batch
 from ..data.sft import build_sft_dataset, loss_on_every_token
 from ..data.sources import load_source
-from ..engine.loop import StageTask, Trainer
+from ..engine.loop import StageData, StageTask, Trainer
 from ..engine.plots import plot_run
 from ..engine.run_dir import FINAL
 from ..models.lm_forward import selected_logits, shifted_targets
@@ -66,11 +66,9 @@ def run_sft(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dic
     scorer = policy_scorer(recipe, tokenizer, backend)
     task = StageTask(
         model=SFTObjective(lm),
-        train_examples=train_examples,
-        eval_examples=eval_examples,
-        collate=partial(pad_batch, pad_token_id=tokenizer.pad_token_id),
-        batch_weight=trained_tokens,
-        loss_fn=sft_loss,
+        data=StageData(train_examples=train_examples, eval_examples=eval_examples,
+                       collate=partial(pad_batch, pad_token_id=tokenizer.pad_token_id),
+                       batch_weight=trained_tokens, loss_fn=sft_loss),
         evaluate_extra=scorer,
         title="sft",
     )

@@ -59,6 +59,10 @@ class Arrangement(torch.nn.Module):
     def has_critic(self) -> bool:
         return self.value_head is not None
 
+    def value_loss_weight(self, ppo) -> float:
+        """The value loss's weight: 1 where the critic has weights of its own."""
+        return 1.0
+
     def forward(self, input_ids, attention_mask, prompt_width: int, tokens, with_entropy=True,
                 ptx: dict | None = None):
         """(log π [B, R], V [B, R] or None without a critic, entropy [B, R] or None).
@@ -127,6 +131,11 @@ class OneBaseOneLora(Arrangement):
         super().__init__()
         self.actor, self.value_head, self.reward_head = actor, value_head, reward_head
 
+    def value_loss_weight(self, ppo) -> float:
+        """`ppo.vf_coef`: actor and critic share the adapter, so the value loss is weighed
+        against the policy loss."""
+        return ppo.vf_coef
+
     def values(self, input_ids, attention_mask, prompt_width, actor_states):
         return apply_head(self.value_head, actor_states)
 
@@ -140,6 +149,7 @@ class OneBaseTwoLora(OneBaseOneLora):
     the RM adapter itself frozen."""
 
     name = "1base-2lora"
+    value_loss_weight = Arrangement.value_loss_weight  # the critic has its own adapter
 
     def values(self, input_ids, attention_mask, prompt_width, actor_states):
         with using_adapter(self.actor, CRITIC):
