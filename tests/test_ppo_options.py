@@ -3,6 +3,7 @@ dry-run plan. Each against numbers worked by hand or computed another way."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -157,28 +158,32 @@ def test_ema_by_hand():
         ActorEMA(model, 1.0)
 
 
+class CheckpointStub:
+    """The backend as save_checkpoint/load_checkpoint use it, recording the model's saves and loads."""
+
+    is_main, rank = True, 0
+
+    def __init__(self):
+        self.saved = []
+
+    def barrier(self):
+        pass
+
+    def save_state(self, directory):
+        self.saved.append(directory)
+
+    def load_state(self, directory):
+        self.saved.append(("load", directory))
+
+
 def test_ema_travels_with_the_checkpoint(tmp_path):
     """The runner hands the EMA to the checkpoint as a named part: tensors, in `ema.safetensors`."""
-
-    class Stub:
-        is_main, rank = True, 0
-        saved: list = []
-
-        def barrier(self):
-            pass
-
-        def save_state(self, directory):
-            self.saved.append(directory)
-
-        def load_state(self, directory):
-            self.saved.append(("load", directory))
-
     model = Fake()
     ema = ActorEMA(model, 0.5)
     with torch.no_grad():
         model.actor["default"].weight.add_(1.0)
     ema.update()  # [1.5, 2.5]
-    backend = Stub()
+    backend = CheckpointStub()
     scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(model.parameters(), lr=1.0), lambda _: 1.0)
     checkpoint = save_checkpoint(backend, tmp_path, 1, {}, scheduler, keep=1, parts={"ema": ema})
     assert (checkpoint / EMA_FILE).is_file() and len(backend.saved) == 1
@@ -187,6 +192,23 @@ def test_ema_travels_with_the_checkpoint(tmp_path):
     load_checkpoint(backend, checkpoint, scheduler, parts={"ema": other})
     assert other.shadow["actor.default.weight"].tolist() == [[1.5, 2.5]]
     assert backend.saved[-1] == ("load", checkpoint)  # the model and optimizer are the backend's
+
+
+def test_kl_coefficient_travels_with_the_checkpoint(tmp_path):
+    """A part whose state is not tensors joins trainer_state.json under its name."""
+    from rlhf_cli.algorithms.kl import AdaptiveKLController
+
+    backend = CheckpointStub()
+    kl = AdaptiveKLController(0.2, target=6.0, horizon=100)
+    kl.update(12.0, 10)  # error clipped to 0.2: 0.2·(1 + 0.2·10/100) = 0.204
+    assert kl.value == pytest.approx(0.204)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(Fake().parameters(), lr=1.0), lambda _: 1.0)
+    checkpoint = save_checkpoint(backend, tmp_path, 2, {"world_size": 1}, scheduler, keep=1, parts={"kl": kl})
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state == {"world_size": 1, "kl": {"value": kl.value}, "step": 2}
+    fresh = AdaptiveKLController(0.2, target=6.0, horizon=100)
+    load_checkpoint(backend, checkpoint, scheduler, parts={"kl": fresh})
+    assert fresh.value == kl.value
 
 
 def test_ppo_update_moves_the_ema_after_each_applied_step(rlhf_home):
