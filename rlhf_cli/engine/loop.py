@@ -3,8 +3,9 @@
 A stage supplies a `StageTask`: examples, a collate function, a loss that returns a SUM
 over the batch, and the batch's weight (tokens for SFT, pairs for RM/DPO). A step divides
 by the weight of the whole global batch (all micro-batches, all processes), so gradient
-accumulation and data parallelism give the same update as one big batch. The runner
-(runner.py) runs the steps: Ctrl-C, cadence, checkpoints, resume.
+accumulation and data parallelism give the same update as one big batch. `Trainer.parts()`
+hands the step and the evaluation to the runner (runner.py): Ctrl-C, cadence, checkpoints,
+resume.
 
 Faults: a step whose loss or gradients are NaN/inf is skipped (weights and optimizer state
 untouched; the step still counts, so the data position and the schedule move on) and
@@ -16,7 +17,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -27,7 +27,6 @@ from .evaluation import evaluate_loss
 from .memory import memory_metrics
 from .metrics import MetricWindow
 from .optim import build_optimizer, build_scheduler
-from .runner import Runner
 from .stage import StageParts
 from .train_step import train_step
 
@@ -71,7 +70,7 @@ def diverged(bad: BadSteps, done: int) -> str:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, task: StageTask, backend, run_dir: Path):
+    def __init__(self, recipe: Recipe, task: StageTask, backend):
         self.recipe, self.task, self.data, self.backend = recipe, task, task.data, backend
         train = recipe.train
         self.batches = GlobalBatches(len(self.data.train_examples), train.batch_size, train.grad_accum,
@@ -84,21 +83,14 @@ class Trainer:
         self.bad_steps = BadSteps(train.max_bad_steps, backend.can_skip_steps, diverged)
         # Throughput counts training time only (not evaluation or checkpointing), per log window.
         self._window_weight, self._window_seconds = 0.0, 0.0
-        self.runner = Runner(recipe, backend, run_dir, self._parts())
 
-    def _parts(self) -> StageParts:
+    def parts(self) -> StageParts:
         rate = f"{self.data.weight_name}_per_sec"
         return StageParts(
             title=self.task.title, unit="step", total_steps=self.total_steps, scheduler=self.scheduler,
             step=self.step, evaluate=self.evaluate, bad_steps=self.bad_steps,
             shown=("loss", "lr", "grad_norm", rate, "skipped_steps"),
             evaluates_at_ends=self.task.evaluate_extra is not None, state={"window": self.window})
-
-    def resume(self) -> None:
-        self.runner.resume()
-
-    def run(self) -> dict:
-        return self.runner.run()
 
     def step(self, index: int) -> dict | None:
         """One optimizer step (or a skipped one); the window's row at a log step."""

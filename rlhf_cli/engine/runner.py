@@ -113,3 +113,12 @@ class Runner:
                 progress.close()
                 self.logger.close()
         return last_eval
+
+
+def run_stage(recipe: Recipe, backend, run_dir: Path, parts: StageParts, resume: bool = False) -> dict:
+    """How every stage runs: its parts on the runner, from the newest checkpoint with `resume`;
+    the last evaluation row."""
+    runner = Runner(recipe, backend, run_dir, parts)
+    if resume:
+        runner.resume()
+    return runner.run()

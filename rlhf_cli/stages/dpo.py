@@ -20,6 +20,7 @@ from ..data.collate import pad_pairs
 from ..engine.loop import StageData, StageTask, Trainer
 from ..engine.plots import plot_run
 from ..engine.run_dir import FINAL
+from ..engine.runner import run_stage
 from ..models.lm_forward import sequence_logprobs
 from ..schema import DPOSection, Recipe
 from .common import policy_model, say, tokenizer_for
@@ -143,15 +144,13 @@ def run_dpo(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dic
         frozen = copy.deepcopy(lm).requires_grad_(False).eval()
     task = StageTask(model=DPOObjective(lm, frozen), data=parts,
                      evaluate_extra=policy_scorer(recipe, tokenizer, backend), title=f"dpo ({cfg.loss_type})")
-    trainer = Trainer(recipe, task, backend, run_dir)
+    trainer = Trainer(recipe, task, backend)
     if cfg.precompute_ref and cfg.loss_type not in REFERENCE_FREE:
         size = recipe.train.eval_batch_size or recipe.train.batch_size
         for examples in filter(None, (parts.train_examples, parts.eval_examples)):
             precompute_reference(backend.unwrap(trainer.model), examples, parts.collate, backend, size)
         say(backend, "reference log-probs precomputed")
-    if resume:
-        trainer.resume()
-    last_eval = trainer.run()
+    last_eval = run_stage(recipe, backend, run_dir, trainer.parts(), resume)
     final = save_final_model(backend, trainer.model, lambda m: m.lm, tokenizer, run_dir / FINAL)
     if backend.is_main:
         plot_run(run_dir)

@@ -24,6 +24,7 @@ from ..data.sources import load_source
 from ..engine.loop import StageData, StageTask, Trainer
 from ..engine.plots import plot_run
 from ..engine.run_dir import FINAL
+from ..engine.runner import run_stage
 from ..errors import UserError
 from ..models.dropout import apply_dropout_setting
 from ..models.lm_forward import inner_causal_lm, shifted_targets, token_logprobs
@@ -160,10 +161,8 @@ def run_rm(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dict
             weight_name="pairs"),
         title="rm",
     )
-    trainer = Trainer(recipe, task, backend, run_dir)
-    if resume:
-        trainer.resume()
-    last_eval = trainer.run()
+    trainer = Trainer(recipe, task, backend)
+    last_eval = run_stage(recipe, backend, run_dir, trainer.parts(), resume)
     stats_row = last_eval
     if not stats_row:  # no eval data: the statistics come from training pairs
         trainer.data.eval_examples = train_pairs[:TRAIN_STATS_PAIRS]

@@ -18,6 +18,7 @@ from ..data.sources import load_source
 from ..engine.loop import StageData, StageTask, Trainer
 from ..engine.plots import plot_run
 from ..engine.run_dir import FINAL
+from ..engine.runner import run_stage
 from ..models.lm_forward import selected_logits, shifted_targets
 from ..schema import Recipe
 from .common import policy_model, say, tokenizer_for
@@ -72,10 +73,8 @@ def run_sft(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dic
         evaluate_extra=scorer,
         title="sft",
     )
-    trainer = Trainer(recipe, task, backend, run_dir)
-    if resume:
-        trainer.resume()
-    last_eval = trainer.run()
+    trainer = Trainer(recipe, task, backend)
+    last_eval = run_stage(recipe, backend, run_dir, trainer.parts(), resume)
     final = save_final_model(backend, trainer.model, lambda m: m.lm, tokenizer, run_dir / FINAL)
     if backend.is_main:
         plot = plot_run(run_dir)

@@ -23,7 +23,7 @@ from ...engine.optim import build_scheduler
 from ...engine.plots import plot_run
 from ...engine.reduce import global_sums
 from ...engine.run_dir import FINAL
-from ...engine.runner import Runner
+from ...engine.runner import run_stage
 from ...engine.stage import StageParts
 from ...rewards import load_reward_fn
 from ...schema import Recipe
@@ -147,10 +147,7 @@ class PPO:
 
 def run_ppo(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dict:
     ppo = PPO(recipe, run_dir, backend)
-    runner = Runner(recipe, backend, run_dir, ppo.parts())
-    if resume:
-        runner.resume()
-    last_eval = runner.run()
+    last_eval = run_stage(recipe, backend, run_dir, ppo.parts(), resume)
     final = save_ppo_final(backend, ppo.wrapped, ppo.tokenizer, Path(run_dir) / FINAL, ppo.ema)
     if backend.is_main:
         plot_run(run_dir)
