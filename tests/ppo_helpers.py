@@ -19,7 +19,9 @@ from rlhf_cli.data.prompt_data import build_prompt_dataset
 from rlhf_cli.data.sources import load_source
 from rlhf_cli.models.heads import hidden_states, response_states, token_logprobs_and_entropy
 from rlhf_cli.models.loading import load_causal_lm
+from rlhf_cli.stages.ppo.experience import make_experience, with_advantages
 from rlhf_cli.stages.ppo.rollout import sample
+from rlhf_cli.stages.ppo.update import PPOUpdate
 
 RECIPE = REPO / "recipes" / "tiny-ppo-1base-1lora.yaml"
 ARRANGEMENTS = ("1base-1lora", "1base-2lora", "2base-2lora", "separate")
@@ -44,6 +46,17 @@ def rollout_of(arrangement, recipe, tokenizer, n: int = 8, seed: int = 0):
     examples, _ = build_prompt_dataset(rows, tokenizer, recipe.data.template, 36, "builtin:sort")
     torch.manual_seed(seed)
     return sample(arrangement, examples, tokenizer, recipe.ppo, torch.device("cpu"))
+
+
+def experience_of(arrangement, ro, scores, recipe, backend, kl_coef: float = 0.05):
+    """The run's two steps after scoring: the experience, then its advantages."""
+    experience = make_experience(arrangement, ro, scores, recipe.ppo, None)
+    return with_advantages(experience, recipe.ppo, kl_coef, backend)
+
+
+def update_once(arrangement, experience, recipe, backend, scheduler, index: int = 0, vf_coef: float = 1.0):
+    """Iteration `index`'s updates (run seed 0: it shuffles with seed `index`)."""
+    return PPOUpdate(arrangement, recipe.ppo, backend, scheduler, vf_coef=vf_coef)(experience, index)
 
 
 def base_logprobs(recipe, ro) -> torch.Tensor:

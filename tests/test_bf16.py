@@ -71,14 +71,14 @@ def spy_losses(spy: Spy) -> None:
     init = loop.Trainer.__init__
 
     def spied_init(self, recipe, task, *rest, **kw):
-        original = task.loss_fn
+        original = task.data.loss_fn
 
         def loss_fn(model, batch):
             loss, metrics = original(model, batch)
             spy.note("loss", loss)
             return loss, metrics
 
-        task.loss_fn = loss_fn
+        task.data.loss_fn = loss_fn
         init(self, recipe, task, *rest, **kw)
 
     spy.monkeypatch.setattr(loop.Trainer, "__init__", spied_init)

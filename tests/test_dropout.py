@@ -19,15 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import REPO, train_rows
-from ppo_helpers import OneProcess, ppo_recipe, rollout_of
+from ppo_helpers import OneProcess, experience_of, ppo_recipe, rollout_of, update_once
 
 from rlhf_cli.config import load_recipe
 from rlhf_cli.models.arrangement_build import build_arrangement
 from rlhf_cli.models.dropout import disable_dropout, dropout_disabled
 from rlhf_cli.models.policy import policy_model, tokenizer_for
-from rlhf_cli.stages.ppo.experience import build_experience
 from rlhf_cli.stages.ppo.optim import ppo_optimizer
-from rlhf_cli.stages.ppo.update import ppo_update
 from rlhf_cli.stages.rm import RewardObjective, reward_model
 
 DROP = 0.1
@@ -150,13 +148,12 @@ def first_update(base: str, kind: str, *overrides: str):
     optimizer = ppo_optimizer(arrangement, recipe)
     backend = OneProcess(arrangement, optimizer)
     scores = torch.randn(ro.input_ids.shape[0], generator=torch.Generator().manual_seed(0))
-    experience = build_experience(arrangement, ro, scores, recipe.ppo, 0.05, backend, None)
+    experience = experience_of(arrangement, ro, scores, recipe, backend)
     arrangement.train()
     with torch.no_grad():
         logp, values, _ = arrangement(ro.input_ids, ro.attention_mask, ro.prompt_width, ro.tokens)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    stats = ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=1.0,
-                       train_actor=True, seed=0)
+    stats = update_once(arrangement, experience, recipe, backend, scheduler)
     return experience, logp, values, stats
 
 
@@ -165,7 +162,7 @@ def first_update(base: str, kind: str, *overrides: str):
                                         ("llama", "2base-2lora")])
 def test_ppo_first_update_of_an_iteration_has_ratio_one(base, kind, gpt2_base, rlhf_home):
     experience, logp, values, stats = first_update(base_of(base, gpt2_base), kind)
-    mask = experience.rollout.response_mask
+    mask = experience.response_mask
     assert mask.sum() > 0
     # The training forward (train mode) gives the rollout's old log-probs and values exactly.
     assert torch.equal(logp * mask, experience.old_logprobs * mask)
@@ -176,7 +173,7 @@ def test_ppo_first_update_of_an_iteration_has_ratio_one(base, kind, gpt2_base, r
 
 def test_ppo_keeps_dropout_when_asked(gpt2_base, rlhf_home):
     experience, logp, _, stats = first_update(str(gpt2_base), "1base-1lora", "train.disable_dropout=false")
-    mask = experience.rollout.response_mask
+    mask = experience.response_mask
     assert not torch.equal(logp * mask, experience.old_logprobs * mask)
     assert stats["approx_kl"] > 0
 

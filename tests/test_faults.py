@@ -18,9 +18,18 @@ import subprocess
 import time
 from pathlib import Path
 
-import cli_helpers
 import pytest
-from cli_helpers import REPO, cli_argv, cli_env, complete_checkpoints, error_line, rlhf, same_tensors, weights
+from cli_helpers import REPO, cli_argv, cli_env, complete_checkpoints, error_line, rlhf, weights
+from fault_helpers import (
+    assert_diverged_then_resumes,
+    assert_skipped_step_left_the_state,
+    assert_stopped_cleanly,
+    ctrl_c_after_two_rows,
+    poison,
+    start,
+    stopped_at,
+    train_rows,
+)
 
 RECIPE = str(REPO / "recipes" / "tiny-sft.yaml")
 # Short steps, no evaluation, one log row per step; fp32 with LoRA dropout 0 (the recipe's).
@@ -30,46 +39,19 @@ BASE = ["--recipe", RECIPE, "--set", "data.max_length=32", "--set", "train.batch
         "--set", "train.save_every=null"]
 
 
-def train_rows(run: Path) -> list[dict]:
-    return cli_helpers.train_rows(run, strict=True)  # a blank line in metrics.jsonl fails too
-
-
 # ------------------------------------------------------------------------------- Ctrl-C
-
-
-def _logged_steps(metrics: Path) -> int:
-    try:
-        return len(metrics.read_text().splitlines())
-    except FileNotFoundError:
-        return 0
 
 
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(rlhf_home, tmp_path):
     args = ["sft", *BASE, "--set", "train.max_steps=40"]
-    proc = subprocess.Popen(cli_argv(*args, "-o", "run"), cwd=tmp_path, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "run"
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline and _logged_steps(
-            run / "metrics.jsonl") < 2:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr
-    said = re.search(r"interrupted: stopped at step (\d+)/40; checkpoint saved in (\S+)\. "
-                     r"To continue: (rlhf .+ --resume)$", stderr, re.MULTILINE)
-    assert said, stderr
-    step = int(said[1])
-    assert 2 <= step < 40
-    # The checkpoint of the last completed step, complete, and nothing after it.
-    assert complete_checkpoints(run) == [tmp_path / said[2]] == [run / "checkpoints" / f"step-{step}"]
-    assert not (run / "final").exists()
-    assert [r["step"] for r in train_rows(run)] == list(range(1, step + 1))
+    stderr = ctrl_c_after_two_rows(start([*args, "-o", "run"], tmp_path), run)
+    step, checkpoint, command = stopped_at(stderr, "step", 40)
+    assert_stopped_cleanly(run, tmp_path / checkpoint, step)
 
     # The command it suggests continues the run, exactly as if it had not stopped.
-    resumed = rlhf(*shlex.split(said[3])[1:], cwd=tmp_path)
+    resumed = rlhf(*shlex.split(command)[1:], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(rf"resuming from .*\(step\s+{step}\)", resumed.stderr), resumed.stderr
     straight = rlhf(*args, "-o", "straight", cwd=tmp_path)
@@ -88,20 +70,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(rlhf_home, tmp_path):
 def test_ctrl_c_in_a_two_process_run_saves_on_both_ranks(rlhf_home, tmp_path):
     """A terminal's Ctrl-C reaches rlhf and torchrun (one process group); torchrun forwards it
     to the workers, which agree on the step to stop at and save it together."""
-    proc = subprocess.Popen(cli_argv("sft", *BASE, "--set", "train.max_steps=200",
-                                  "--set", "train.batch_size=2", "--set", "launch.num_processes=2",
-                                  "-o", "run"),
-                            cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start(["sft", *BASE, "--set", "train.max_steps=200", "--set", "train.batch_size=2",
+                  "--set", "launch.num_processes=2", "-o", "run"], tmp_path, start_new_session=True)
     run = tmp_path / "run"
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline and _logged_steps(
-            run / "metrics.jsonl") < 2:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr
+    stderr = ctrl_c_after_two_rows(proc, run, send=lambda sig: os.killpg(proc.pid, sig))
     said = re.findall(r"interrupted: stopped at step (\d+)/200; checkpoint saved in (\S+)\.", stderr)
     assert len(said) == 1, stderr  # printed by rank 0 only
     (checkpoint,) = complete_checkpoints(run)
@@ -117,22 +89,10 @@ def _nan_at(monkeypatch, bad_steps) -> None:
     """Make the SFT loss NaN at the given training steps (1-based; one micro-batch a step)."""
     from rlhf_cli.stages import sft
 
-    real, calls = sft.sft_loss, [0]
-
-    def loss(model, batch):
-        value, metrics = real(model, batch)
-        if model.training:
-            calls[0] += 1
-            if calls[0] in bad_steps:
-                value = value * float("nan")
-        return value, metrics
-
-    monkeypatch.setattr(sft, "sft_loss", loss)
+    poison(monkeypatch, sft, "sft_loss", bad_steps, counted=lambda model, batch: model.training)
 
 
 def test_a_nan_step_is_skipped_and_counted(in_process, tmp_path, monkeypatch):
-    import torch
-
     _nan_at(monkeypatch, {3, 5})
     code = in_process("sft", *BASE, "--set", "train.max_steps=6", "--set", "train.save_every=1",
                       "--set", "train.keep_checkpoints=10", "-o", "run")
@@ -145,18 +105,7 @@ def test_a_nan_step_is_skipped_and_counted(in_process, tmp_path, monkeypatch):
     # The schedule still moved on at the skipped step: lr is a function of the step number
     # (the recipe warms up linearly to 3e-3 over 20 steps).
     assert rows[4]["lr"] == pytest.approx(3e-3 * 4 / 20)
-    step = {n: run / "checkpoints" / f"step-{n}" for n in range(1, 6)}
-    # A skipped step leaves the weights and the optimizer's moments exactly as they were...
-    assert same_tensors(weights(step[2] / "trainable.safetensors"),
-                        weights(step[3] / "trainable.safetensors"))
-    moments = [torch.load(step[n] / "optimizer.pt", weights_only=True)["state"] for n in (2, 3)]
-    assert moments[0].keys() == moments[1].keys()
-    assert all(same_tensors(moments[0][k], moments[1][k]) for k in moments[0])
-    # ...and the next good step trains again.
-    assert not same_tensors(weights(step[3] / "trainable.safetensors"),
-                            weights(step[4] / "trainable.safetensors"))
-    final = weights(run / "final" / "adapter_model.safetensors")
-    assert all(bool(torch.isfinite(t).all()) for t in final.values())
+    assert_skipped_step_left_the_state(run, 3)
 
 
 def test_repeated_nan_steps_stop_the_run_and_keep_the_checkpoint(in_process, tmp_path,
@@ -167,18 +116,10 @@ def test_repeated_nan_steps_stop_the_run_and_keep_the_checkpoint(in_process, tmp
     _nan_at(monkeypatch, set(range(3, 100)))
     args = ["sft", *BASE, "--set", "train.max_steps=6", "--set", "train.save_every=1",
             "--set", "train.max_bad_steps=2", "-o", "run"]
-    assert in_process(*args) == 2
-    error = error_line(capsys.readouterr().err)
+    error = assert_diverged_then_resumes(in_process, args, tmp_path / "run", capsys, "step",
+                                         heal=lambda: monkeypatch.setattr(sft, "sft_loss", real_loss))
     assert "training diverged" in error and "steps 3-4" in error, error
     assert "max_bad_steps=2" in error
-    run = tmp_path / "run"
-    assert f"the newest checkpoint, {Path('run/checkpoints/step-3')}, is kept" in error
-    assert not (run / "final").exists()
-    # The kept checkpoint is a good one: the run resumes from it and finishes.
-    monkeypatch.setattr(sft, "sft_loss", real_loss)
-    assert in_process(*args, "--resume") == 0
-    assert re.search(r"resuming from .*\(step\s+3\)", capsys.readouterr().err)
-    assert (run / "final" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -12,14 +12,22 @@ import json
 import math
 import re
 import shlex
-import signal
 import subprocess
-import time
-from pathlib import Path
 
-import cli_helpers
 import pytest
 from cli_helpers import REPO, cli_argv, cli_env, complete_checkpoints, error_line, rlhf, same_tensors, weights
+from fault_helpers import (
+    assert_diverged_then_resumes,
+    assert_same_run,
+    assert_skipped_step_left_the_state,
+    assert_stopped_cleanly,
+    ctrl_c_after_two_rows,
+    poison,
+    start,
+    stopped_at,
+    train_rows,
+    wait_for,
+)
 
 RECIPE = str(REPO / "recipes" / "tiny-ppo-1base-1lora.yaml")
 BASE = ["--recipe", RECIPE, "--set", "train.eval_reward_fn=null", "--set", "train.eval_every=null",
@@ -33,67 +41,19 @@ GRPO_PTX = ["--set", "ppo.advantage=grpo", "--set", "ppo.samples_per_prompt=4",
 EMA = ["--set", "ppo.ema_decay=0.8"]
 
 
-def train_rows(run: Path) -> list[dict]:
-    return cli_helpers.train_rows(run, strict=True)  # a blank line in metrics.jsonl fails too
-
-
-def machine_figure(key: str) -> bool:
-    return key.startswith("time_") or key in ("rss_mb", "cuda_peak_mb")
-
-
-def assert_same_run(run: Path, straight: Path) -> None:
-    """Every logged number (the machine's figures aside: timings, memory) and both saved
-    policies equal an uninterrupted run's."""
-    rows, expected = train_rows(run), train_rows(straight)
-    assert [r["step"] for r in rows] == [r["step"] for r in expected]
-    for row, want in zip(rows, expected, strict=True):
-        keys = {k for k in want if not machine_figure(k)}
-        assert keys == {k for k in row if not machine_figure(k)}, (row, want)
-        for key in keys:
-            assert row[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), (row["step"], key)
-    for final in ("final", "final-online"):
-        adapter = straight / final / "adapter_model.safetensors"
-        if not adapter.exists():
-            continue
-        a, b = weights(run / final / "adapter_model.safetensors"), weights(adapter)
-        assert a.keys() == b.keys()
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, final
-
-
-def _wait_for(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline and not ready():
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before the fault could be made"
-
-
 # ------------------------------------------------------------------------------- Ctrl-C
 
 
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(rlhf_home, tmp_path):
     args = ["ppo", *BASE, *EMA, "--set", "train.max_steps=24"]
-    proc = subprocess.Popen(cli_argv(*args, "-o", "run"), cwd=tmp_path, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "run"
-    _wait_for(proc, lambda: (run / "metrics.jsonl").is_file()
-              and len((run / "metrics.jsonl").read_text().splitlines()) >= 2)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr
-    said = re.search(r"interrupted: stopped at iteration (\d+)/24; checkpoint saved in (\S+)\. "
-                     r"To continue: (rlhf .+ --resume)$", stderr, re.MULTILINE)
-    assert said, stderr
-    step = int(said[1])
-    assert 2 <= step < 24
-    (checkpoint,) = complete_checkpoints(run)
-    assert checkpoint == tmp_path / said[2] == run / "checkpoints" / f"step-{step}"
-    assert (checkpoint / "ema.safetensors").is_file()
-    assert not (run / "final").exists()
-    assert [r["step"] for r in train_rows(run)] == list(range(1, step + 1))
+    stderr = ctrl_c_after_two_rows(start([*args, "-o", "run"], tmp_path), run)
+    step, checkpoint, command = stopped_at(stderr, "iteration", 24)
+    assert_stopped_cleanly(run, tmp_path / checkpoint, step)
+    assert (tmp_path / checkpoint / "ema.safetensors").is_file()
 
-    resumed = rlhf(*shlex.split(said[3])[1:], cwd=tmp_path)
+    resumed = rlhf(*shlex.split(command)[1:], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(rf"resuming from .*\(iteration {step}\)", resumed.stderr), resumed.stderr
     straight = rlhf(*args, "-o", "straight", cwd=tmp_path)
@@ -111,7 +71,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(options, rlhf_home, tm
     proc = subprocess.Popen(cli_argv(*args, "-o", "run"), cwd=tmp_path, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "run"
-    _wait_for(proc, lambda: (run / "checkpoints" / "step-3" / "trainer_state.json").is_file())
+    wait_for(proc, lambda: (run / "checkpoints" / "step-3" / "trainer_state.json").is_file())
     proc.kill()
     proc.wait()
     newest = complete_checkpoints(run)[-1]
@@ -134,19 +94,10 @@ def _nan_at(monkeypatch, bad_calls) -> None:
     """A NaN policy loss at the given training updates (1-based; one update per iteration)."""
     from rlhf_cli.stages.ppo import update
 
-    real, calls = update.policy_loss, [0]
-
-    def policy_loss(*args, **kwargs):
-        loss, stats = real(*args, **kwargs)
-        calls[0] += 1
-        return (loss * float("nan") if calls[0] in bad_calls else loss), stats
-
-    monkeypatch.setattr(update, "policy_loss", policy_loss)
+    poison(monkeypatch, update, "policy_loss", bad_calls)
 
 
 def test_a_nan_update_is_skipped_and_counted(in_process, tmp_path, monkeypatch):
-    import torch
-
     _nan_at(monkeypatch, {3})
     code = in_process("ppo", *BASE, "--set", "train.max_steps=5", "--set", "train.save_every=1",
                       "--set", "train.keep_checkpoints=10", "-o", "run")
@@ -156,19 +107,10 @@ def test_a_nan_update_is_skipped_and_counted(in_process, tmp_path, monkeypatch):
     assert "bad_steps" not in rows[2] and "policy_loss" in rows[2]
     assert rows[3]["bad_steps"] == 1 and "policy_loss" not in rows[3] and "loss" not in rows[3]
     assert rows[5]["bad_steps"] == 1 and math.isfinite(rows[5]["loss"])
-    step = {n: run / "checkpoints" / f"step-{n}" for n in range(1, 5)}
-    # The skipped update left the weights and the optimizer's moments exactly as they were...
-    assert same_tensors(weights(step[2] / "trainable.safetensors"),
-                        weights(step[3] / "trainable.safetensors"))
-    moments = [torch.load(step[n] / "optimizer.pt", weights_only=True)["state"] for n in (2, 3)]
-    assert moments[0].keys() == moments[1].keys()
-    assert all(same_tensors(moments[0][k], moments[1][k]) for k in moments[0])
-    # ...the next one trains again, and the count is in the checkpoint.
-    assert not same_tensors(weights(step[3] / "trainable.safetensors"),
-                            weights(step[4] / "trainable.safetensors"))
-    assert json.loads((step[4] / "trainer_state.json").read_text())["bad_steps"] == 1
-    final = weights(run / "final" / "adapter_model.safetensors")
-    assert all(bool(torch.isfinite(t).all()) for t in final.values())
+    assert_skipped_step_left_the_state(run, 3)
+    # The count is in the checkpoint (the runner's NaN/inf counter, a named part).
+    state = json.loads((run / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    assert state["bad_steps"] == {"total": 1, "in_a_row": 0}
 
 
 def test_repeated_nan_updates_stop_the_run_and_keep_the_checkpoint(in_process, tmp_path, monkeypatch, capsys):
@@ -178,18 +120,11 @@ def test_repeated_nan_updates_stop_the_run_and_keep_the_checkpoint(in_process, t
     _nan_at(monkeypatch, set(range(3, 100)))
     args = ["ppo", *BASE, "--set", "train.max_steps=6", "--set", "train.save_every=1",
             "--set", "train.max_bad_steps=2", "-o", "run"]
-    assert in_process(*args) == 2
-    error = error_line(capsys.readouterr().err)
+    run = tmp_path / "run"
+    error = assert_diverged_then_resumes(in_process, args, run, capsys, "iteration",
+                                         heal=lambda: monkeypatch.setattr(update, "policy_loss", real_loss))
     assert "PPO diverged" in error and "2 updates in a row, the last in iteration 4" in error, error
     assert "train.max_bad_steps=2" in error
-    run = tmp_path / "run"
-    assert f"the newest checkpoint, {Path('run/checkpoints/step-3')}, is kept" in error
-    assert not (run / "final").exists()
-    # The kept checkpoint is a good one: the run resumes from it and finishes.
-    monkeypatch.setattr(update, "policy_loss", real_loss)
-    assert in_process(*args, "--resume") == 0
-    assert re.search(r"resuming from .*\(iteration 3\)", capsys.readouterr().err)
-    assert (run / "final" / "adapter_model.safetensors").is_file()
     assert train_rows(run)[-1]["bad_steps"] == 1  # iteration 3's, carried over by the checkpoint
 
 

@@ -3,6 +3,7 @@ dry-run plan. Each against numbers worked by hand or computed another way."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,18 +12,20 @@ import torch.nn.functional as F
 from ppo_helpers import RECIPE, OneProcess, rollout_of
 
 from rlhf_cli.config import load_recipe
+from rlhf_cli.engine.bad_steps import BadSteps
+from rlhf_cli.engine.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_cli.errors import UserError
 from rlhf_cli.models.arrangement_build import build_arrangement
 from rlhf_cli.models.policy import tokenizer_for
 from rlhf_cli.stages.ppo import update as update_module
 from rlhf_cli.stages.ppo.ema import EMA_FILE, ActorEMA
-from rlhf_cli.stages.ppo.experience import build_experience
-from rlhf_cli.stages.ppo.guard import BadUpdates
+from rlhf_cli.stages.ppo.experience import make_experience, with_advantages
+from rlhf_cli.stages.ppo.guard import diverged
 from rlhf_cli.stages.ppo.optim import ppo_optimizer
 from rlhf_cli.stages.ppo.plan import ppo_plan
 from rlhf_cli.stages.ppo.ptx import PtxBatches
-from rlhf_cli.stages.ppo.saving import WithPPOState
-from rlhf_cli.stages.ppo.update import _rows, minibatch_loss, ppo_update
+from rlhf_cli.stages.ppo.setup import seed_sampling_stream
+from rlhf_cli.stages.ppo.update import PPOUpdate, minibatch_loss
 
 PTX = ["ppo.ptx_coef=0.3", "ppo.ptx_data=builtin:sort", "ppo.ptx_batch_size=4"]
 
@@ -46,8 +49,14 @@ def setup(recipe, seed: int = 0):
     scores = torch.linspace(-1.0, 1.0, rollout.input_ids.shape[0])
     optimizer = ppo_optimizer(arrangement, recipe)
     backend = OneProcess(arrangement, optimizer)
-    experience = build_experience(arrangement, rollout, scores, recipe.ppo, 0.05, backend, None)
+    experience = make_experience(arrangement, rollout, scores, recipe.ppo, None)
+    experience = with_advantages(experience, recipe.ppo, 0.05, backend)
     return tokenizer, arrangement, experience, backend
+
+
+def updates(arrangement, recipe, backend, scheduler, **options) -> PPOUpdate:
+    """The run's update object (vf_coef 0.1, run seed 0: iteration i shuffles with seed i)."""
+    return PPOUpdate(arrangement, recipe.ppo, backend, scheduler, vf_coef=0.1, **options)
 
 
 # ------------------------------------------------------------------------------- ptx
@@ -71,11 +80,12 @@ def test_ptx_loss_is_the_ppo_loss_plus_coef_times_the_sft_loss(rlhf_home):
     recipe = recipe_with(*PTX)
     tokenizer, arrangement, experience, backend = setup(recipe)
     ptx = PtxBatches(recipe, tokenizer, backend)(3)
-    rows = _rows(experience, torch.arange(4))
-    width = experience.rollout.prompt_width
+    rows = experience.select(torch.arange(4))
+    assert rows.input_ids.shape[0] == 4 and rows.prompt_width == experience.prompt_width
+    assert torch.equal(rows.advantages, experience.advantages[:4])
     arrangement.train()  # LoRA dropout is 0: train mode is deterministic
-    with_ptx, stats = minibatch_loss(arrangement, rows, width, recipe.ppo, 0.1, True, ptx)
-    without, plain_stats = minibatch_loss(arrangement, rows, width, recipe.ppo, 0.1, True)
+    with_ptx, stats = minibatch_loss(arrangement, rows, recipe.ppo, 0.1, True, ptx)
+    without, plain_stats = minibatch_loss(arrangement, rows, recipe.ppo, 0.1, True)
     # The SFT loss computed independently: the full logits of the policy (adapter on), next-token
     # cross-entropy averaged over the labelled tokens.
     logits = arrangement.actor(input_ids=ptx["input_ids"], attention_mask=ptx["attention_mask"]).logits
@@ -103,8 +113,9 @@ def test_ppo_update_feeds_one_ptx_batch_per_update_numbered_over_the_run(rlhf_ho
         return batches(update)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(backend.optimizer, lambda _: 1.0)
-    stats = ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=0.1,
-                       train_actor=True, seed=0, first_update=6, ptx_batches=recording)
+    # Iteration 3 of a run with 2 updates an iteration: its first update is update 6.
+    stats = updates(arrangement, recipe, backend, scheduler, updates_per_iteration=2,
+                    ptx_batches=recording)(experience, 3)
     assert asked == [6, 7]  # 8 responses / minibatches of 4, one epoch
     assert stats["loss"] == pytest.approx(stats["policy_loss"] + 0.1 * stats["value_loss"]
                                           + 0.3 * stats["ptx_loss"])
@@ -150,29 +161,57 @@ def test_ema_by_hand():
         ActorEMA(model, 1.0)
 
 
+class CheckpointStub:
+    """The backend as save_checkpoint/load_checkpoint use it, recording the model's saves and loads."""
+
+    is_main, rank = True, 0
+
+    def __init__(self):
+        self.saved = []
+
+    def barrier(self):
+        pass
+
+    def save_state(self, directory):
+        self.saved.append(directory)
+
+    def load_state(self, directory):
+        self.saved.append(("load", directory))
+
+
 def test_ema_travels_with_the_checkpoint(tmp_path):
-    class Stub:
-        is_main = True
-        saved: list = []
-
-        def save_state(self, directory):
-            self.saved.append(directory)
-
-        def load_state(self, directory):
-            self.saved.append(("load", directory))
-
+    """The runner hands the EMA to the checkpoint as a named part: tensors, in `ema.safetensors`."""
     model = Fake()
     ema = ActorEMA(model, 0.5)
     with torch.no_grad():
         model.actor["default"].weight.add_(1.0)
     ema.update()  # [1.5, 2.5]
-    backend = Stub()
-    WithPPOState(backend, ema).save_state(tmp_path)
-    assert (tmp_path / EMA_FILE).is_file() and backend.saved == [tmp_path]
+    backend = CheckpointStub()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(model.parameters(), lr=1.0), lambda _: 1.0)
+    checkpoint = save_checkpoint(backend, tmp_path, 1, {}, scheduler, keep=1, parts={"ema": ema})
+    assert (checkpoint / EMA_FILE).is_file() and len(backend.saved) == 1
     other = ActorEMA(Fake(), 0.5)  # a fresh run: EMA = the initial weights
-    WithPPOState(backend, other).load_state(tmp_path)
+    assert other.shadow["actor.default.weight"].tolist() == [[1.0, 2.0]]
+    load_checkpoint(backend, checkpoint, scheduler, parts={"ema": other})
     assert other.shadow["actor.default.weight"].tolist() == [[1.5, 2.5]]
-    assert WithPPOState(backend, ema).is_main  # everything else is the backend's
+    assert backend.saved[-1] == ("load", checkpoint)  # the model and optimizer are the backend's
+
+
+def test_kl_coefficient_travels_with_the_checkpoint(tmp_path):
+    """A part whose state is not tensors joins trainer_state.json under its name."""
+    from rlhf_cli.algorithms.kl import AdaptiveKLController
+
+    backend = CheckpointStub()
+    kl = AdaptiveKLController(0.2, target=6.0, horizon=100)
+    kl.update(12.0, 10)  # error clipped to 0.2: 0.2·(1 + 0.2·10/100) = 0.204
+    assert kl.value == pytest.approx(0.204)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(Fake().parameters(), lr=1.0), lambda _: 1.0)
+    checkpoint = save_checkpoint(backend, tmp_path, 2, {"world_size": 1}, scheduler, keep=1, parts={"kl": kl})
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state == {"world_size": 1, "kl": {"value": kl.value}, "step": 2}
+    fresh = AdaptiveKLController(0.2, target=6.0, horizon=100)
+    load_checkpoint(backend, checkpoint, scheduler, parts={"kl": fresh})
+    assert fresh.value == kl.value
 
 
 def test_ppo_update_moves_the_ema_after_each_applied_step(rlhf_home):
@@ -189,8 +228,7 @@ def test_ppo_update_moves_the_ema_after_each_applied_step(rlhf_home):
 
     ema.update = update
     scheduler = torch.optim.lr_scheduler.LambdaLR(backend.optimizer, lambda _: 1.0)
-    ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=0.1, train_actor=True,
-               seed=0, ema=ema)
+    updates(arrangement, recipe, backend, scheduler, ema=ema)(experience, 0)
     assert len(snapshots) == 2  # two updates
     for name, value in ema.shadow.items():  # ((start/2 + θ1/2)/2 + θ2/2)
         expected = 0.25 * start[name] + 0.25 * snapshots[0][name] + 0.5 * snapshots[1][name]
@@ -202,22 +240,22 @@ def test_ppo_update_moves_the_ema_after_each_applied_step(rlhf_home):
 
 
 def test_bad_updates_count_and_stop_after_max_in_a_row(tmp_path):
-    guard = BadUpdates(3, can_skip=True)
+    guard = BadSteps(3, True, diverged)
     for bad in (False, True, True, False, True, True):
-        guard.record(bad, iteration=2)
-    assert guard.state() == {"bad_steps": 4, "bad_in_a_row": 2}
+        guard.record(bad, 2)
+    assert guard.state_dict() == {"total": 4, "in_a_row": 2}
     guard.checkpoint = tmp_path / "checkpoints" / "step-1"
     with pytest.raises(UserError) as stopped:
-        guard.record(True, iteration=3)
+        guard.record(True, 3)
     message = str(stopped.value)
     assert "NaN/inf in 3 updates in a row, the last in iteration 3" in message
     assert "train.max_bad_steps=3" in message
     assert f"the newest checkpoint, {guard.checkpoint}, is kept" in message
-    resumed = BadUpdates(3, can_skip=True)
-    resumed.load({"bad_steps": 4, "bad_in_a_row": 2})
-    assert resumed.state() == {"bad_steps": 4, "bad_in_a_row": 2}
+    resumed = BadSteps(3, True, diverged)
+    resumed.load_state_dict({"total": 4, "in_a_row": 2})
+    assert resumed.state_dict() == {"total": 4, "in_a_row": 2}
     with pytest.raises(UserError, match="NaN/inf in iteration 5; .* no checkpoint was saved"):
-        BadUpdates(3, can_skip=False).record(True, iteration=5)  # DeepSpeed: the first one stops
+        BadSteps(3, False, diverged).record(True, 5)  # DeepSpeed: the first one stops
 
 
 def _poisoned(monkeypatch, bad_calls: set[int], how: str):
@@ -240,38 +278,34 @@ def test_a_nan_update_is_skipped_and_leaves_weights_moments_and_ema_alone(how, r
     recipe = recipe_with("ppo.mini_batch_size=8")  # one update per call
     _, arrangement, experience, backend = setup(recipe)
     ema = ActorEMA(arrangement, 0.5)
-    guard = BadUpdates(3, can_skip=True)
+    guard = BadSteps(3, True, diverged)
     scheduler = torch.optim.lr_scheduler.LambdaLR(backend.optimizer, lambda _: 1.0)
     before = {n: p.detach().clone() for n, p in arrangement.named_parameters()}
     shadow = {n: t.clone() for n, t in ema.shadow.items()}
     _poisoned(monkeypatch, {1}, how)
 
-    def update(seed):
-        return ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=0.1,
-                          train_actor=True, seed=seed, guard=guard, ema=ema)
-
-    assert update(0) == {}  # nothing applied: no numbers to report
+    update = updates(arrangement, recipe, backend, scheduler, bad_steps=guard, ema=ema)
+    assert update(experience, 0) == {}  # nothing applied: no numbers to report
     assert all(torch.equal(p, before[n]) for n, p in arrangement.named_parameters())
     assert backend.optimizer.state_dict()["state"] == {}  # no Adam moments either
     assert all(p.grad is None for p in arrangement.parameters())  # the gradients were dropped
     assert all(torch.equal(t, shadow[n]) for n, t in ema.shadow.items())
     assert scheduler.last_epoch == 1  # the schedule still moved on
-    assert guard.state() == {"bad_steps": 1, "bad_in_a_row": 1}
-    stats = update(1)  # the next one trains again and resets the run of bad ones
+    assert guard.state_dict() == {"total": 1, "in_a_row": 1}
+    stats = update(experience, 1)  # the next one trains again and resets the run of bad ones
     assert torch.isfinite(torch.tensor(list(stats.values()))).all()
     assert any(not torch.equal(p, before[n]) for n, p in arrangement.named_parameters())
-    assert guard.state() == {"bad_steps": 1, "bad_in_a_row": 0}
+    assert guard.state_dict() == {"total": 1, "in_a_row": 0}
 
 
 def test_repeated_nan_updates_stop_inside_the_iteration(rlhf_home, monkeypatch):
     recipe = recipe_with("ppo.ppo_epochs=4")  # 8 updates
     _, arrangement, experience, backend = setup(recipe)
-    guard = BadUpdates(3, can_skip=True)
+    guard = BadSteps(3, True, diverged)
     scheduler = torch.optim.lr_scheduler.LambdaLR(backend.optimizer, lambda _: 1.0)
     _poisoned(monkeypatch, {2, 3, 4, 5, 6}, "loss")
     with pytest.raises(UserError, match="3 updates in a row, the last in iteration 7"):
-        ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=0.1,
-                   train_actor=True, seed=0, iteration=7, guard=guard)
+        updates(arrangement, recipe, backend, scheduler, bad_steps=guard)(experience, 6)
     assert scheduler.last_epoch == 4  # stopped at the third bad update
 
 
@@ -300,8 +334,6 @@ def test_ptx_data_path_is_stored_absolute(tmp_path, monkeypatch):
 
 
 def test_each_rank_samples_from_its_own_stream_whatever_was_built_before():
-    from rlhf_cli.stages.ppo.run import seed_sampling_stream
-
     def draws_after(rank: int, built_draws: int = 0) -> torch.Tensor:
         torch.manual_seed(7)  # what the worker does on every rank
         torch.rand(built_draws)  # what building the models drew
@@ -334,8 +366,8 @@ def test_micro_batches_accumulate_to_the_same_update(rlhf_home, estimator):
         scheduler = torch.optim.lr_scheduler.LambdaLR(backend.optimizer, lambda _: 1.0)
         forwards = []
         arrangement.register_forward_pre_hook(lambda _, args, seen=forwards: seen.append(len(args[0])))
-        stats = ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=0.1,
-                           train_actor=True, seed=0, ptx_batches=PtxBatches(recipe, tokenizer, backend))
+        stats = updates(arrangement, recipe, backend, scheduler,
+                        ptx_batches=PtxBatches(recipe, tokenizer, backend))(experience, 0)
         trained = {n: p.detach().clone() for n, p in arrangement.named_parameters() if p.requires_grad}
         results[micro] = (stats, trained, forwards)
     whole_stats, whole, whole_forwards = results[None]

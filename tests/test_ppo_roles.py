@@ -16,12 +16,14 @@ from ppo_helpers import (
     TRAINABLE,
     OneProcess,
     base_logprobs,
+    experience_of,
     flags,
     name_groups,
     ppo_recipe,
     rm_own_scores,
     rollout_of,
     trainable_groups,
+    update_once,
 )
 
 from rlhf_cli.config import load_recipe
@@ -29,9 +31,7 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.models.adapters import CRITIC
 from rlhf_cli.models.arrangement_build import build_arrangement
 from rlhf_cli.models.policy import tokenizer_for
-from rlhf_cli.stages.ppo.experience import build_experience
 from rlhf_cli.stages.ppo.optim import ppo_optimizer
-from rlhf_cli.stages.ppo.update import ppo_update
 
 # ------------------------------------------------------------------- where roles start
 
@@ -152,9 +152,8 @@ def test_update_trains_actor_and_critic_only(kind, rm_run):
     backend = OneProcess(arrangement, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     for iteration in range(2):  # the second one sees non-zero LoRA B, so every LoRA A moves too
-        experience = build_experience(arrangement, ro, scores, recipe.ppo, 0.05, backend, None)
-        ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=1.0,
-                   train_actor=True, seed=iteration)
+        experience = experience_of(arrangement, ro, scores, recipe, backend)
+        update_once(arrangement, experience, recipe, backend, scheduler, index=iteration)
 
     assert flags(arrangement) == before_flags  # nothing frozen or unfrozen on the way
     changed = {n for n, p in arrangement.named_parameters() if not torch.equal(p, before[n])}
@@ -165,7 +164,7 @@ def test_update_trains_actor_and_critic_only(kind, rm_run):
     torch.testing.assert_close(scores, rm_own_scores(rm_run, ro.input_ids, ro.attention_mask),
                                rtol=0, atol=1e-6)
     assert torch.equal(arrangement.reference_logprobs(*args), reference)
-    new_experience = build_experience(arrangement, ro, scores, recipe.ppo, 0.05, backend, None)
+    new_experience = experience_of(arrangement, ro, scores, recipe, backend)
     assert new_experience.kl_per_response.abs().sum() > 0
     assert not torch.equal(new_experience.old_values, experience.old_values)
 
@@ -196,10 +195,9 @@ def test_critic_free_arrangements_train_the_actor_alone(kind, rm_run):
     before = {n: p.detach().clone() for n, p in arrangement.named_parameters()}
     backend = OneProcess(arrangement, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    experience = build_experience(arrangement, ro, scores, recipe.ppo, 0.05, backend, None)
+    experience = experience_of(arrangement, ro, scores, recipe, backend)
     assert experience.old_values is None and experience.advantages.abs().sum() > 0
-    stats = ppo_update(arrangement, experience, recipe.ppo, backend, scheduler, vf_coef=1.0,
-                       train_actor=True, seed=0)
+    stats = update_once(arrangement, experience, recipe, backend, scheduler)
     # Metrics say nothing about a critic that does not exist.
     assert not {"value_loss", "vf_clip_frac", "explained_variance"} & stats.keys()
     assert stats["loss"] == stats["policy_loss"]

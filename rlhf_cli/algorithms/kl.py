@@ -42,7 +42,19 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
     return KL_ESTIMATORS[kind](logp, ref_logp)
 
 
-class FixedKLController:
+class _KLCoefficient:
+    """The coefficient is the controller's whole state: checkpoints carry it (engine/runner.py)."""
+
+    value: float
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class FixedKLController(_KLCoefficient):
     """Constant β; ``update`` is a no-op returning it."""
 
     def __init__(self, kl_coef: float) -> None:
@@ -52,7 +64,7 @@ class FixedKLController:
         return self.value
 
 
-class AdaptiveKLController:
+class AdaptiveKLController(_KLCoefficient):
     """Adaptive β (Ziegler et al. 2019): β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon).
 
     ``current_kl``: the measured KL per sequence (sum over response tokens, averaged over the

@@ -118,9 +118,35 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _is_tensors(state: dict) -> bool:
+    import torch
+
+    return bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def _split_parts(parts: dict) -> tuple[dict, dict]:
+    """The parts' states: (small ones, by name, for trainer_state.json; tensor ones, by file)."""
+    small, tensors = {}, {}
+    for name, part in parts.items():
+        state = part.state_dict()
+        if _is_tensors(state):
+            tensors[f"{name}.safetensors"] = state
+        else:
+            small[name] = state
+    return small, tensors
+
+
 def save_checkpoint(backend, run_dir: Path, step: int, trainer_state: dict, scheduler,
-                    keep: int) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+                    keep: int, parts: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final directory.
+
+    `parts`: the stage's extra stateful objects by name (`state_dict()`/`load_state_dict()`).
+    A state of tensors only is written by the main process as `<name>.safetensors` (every
+    process holds the same copy, e.g. an EMA); any other joins trainer_state.json under its
+    name (a KL coefficient, counters). Per-process random streams are in rng-rank{N}.pt.
+    """
+    small, tensors = _split_parts(parts or {})
+    trainer_state = {**trainer_state, **small}
     root = Path(run_dir) / CHECKPOINTS
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
     try:
@@ -132,6 +158,7 @@ def save_checkpoint(backend, run_dir: Path, step: int, trainer_state: dict, sche
             backend.save_state(tmp)
             _torch_save(rng_state(), tmp / f"rng-rank{backend.rank}.pt")
             if backend.is_main:
+                _save_tensor_parts(tensors, tmp)
                 _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
                 # Written last: its presence marks the directory complete.
                 (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))
@@ -148,6 +175,25 @@ def save_checkpoint(backend, run_dir: Path, step: int, trainer_state: dict, sche
         _prune(root, keep)
     backend.barrier()
     return final
+
+
+def _save_tensor_parts(tensors: dict, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    for name, state in tensors.items():
+        save_file(state, str(directory / name))
+
+
+def _load_parts(parts: dict, directory: Path, trainer_state: dict) -> None:
+    """A part missing from the checkpoint keeps its fresh state."""
+    from safetensors.torch import load_file
+
+    for name, part in parts.items():
+        file = directory / f"{name}.safetensors"
+        if file.is_file():
+            part.load_state_dict(load_file(str(file)))
+        elif name in trainer_state:
+            part.load_state_dict(trainer_state[name])
 
 
 def _torch_save(obj, path: Path) -> None:
@@ -182,8 +228,9 @@ def _remove(checkpoint: Path) -> None:
     shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-def load_checkpoint(backend, directory: Path, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG; returns the trainer state."""
+def load_checkpoint(backend, directory: Path, scheduler, parts: dict | None = None) -> dict:
+    """Restore model, optimizer, scheduler, this rank's RNG and the stage's `parts` (as
+    `save_checkpoint` wrote them); returns the trainer state."""
     import torch
 
     try:
@@ -192,7 +239,9 @@ def load_checkpoint(backend, directory: Path, scheduler) -> dict:
         rng_file = directory / f"rng-rank{backend.rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
-        return json.loads((directory / STATE_FILE).read_text())
+        state = json.loads((directory / STATE_FILE).read_text())
+        _load_parts(parts or {}, directory, state)
+        return state
     except UserError:
         raise
     except Exception as exc:  # torch, safetensors and DeepSpeed raise many unrelated types

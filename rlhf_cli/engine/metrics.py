@@ -29,10 +29,10 @@ class MetricWindow:
         self.sums.clear()
         self.weights.clear()
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         return {"sums": dict(self.sums), "weights": dict(self.weights)}
 
-    def load(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.reset()
         self.sums.update(state.get("sums", {}))
         self.weights.update(state.get("weights", {}))

@@ -21,10 +21,11 @@ from ..algorithms.preference import pairwise_reward_loss
 from ..data.collate import pad_pairs
 from ..data.loaders import load_pairs
 from ..engine.final_model import save_final_model
-from ..engine.loop import StageTask, Trainer
+from ..engine.loop import StageData, StageTask, Trainer
 from ..engine.plots import plot_run
 from ..engine.progress import console, say
 from ..engine.run_dir import FINAL
+from ..engine.runner import run_stage
 from ..errors import UserError
 from ..models.dropout import apply_dropout_setting
 from ..models.lm_forward import inner_causal_lm, shifted_targets, token_logprobs
@@ -140,23 +141,20 @@ def run_rm(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dict
                if recipe.rm.lm_loss_weight else None)
     task = StageTask(
         model=RewardObjective(model, lm_head),
-        train_examples=train_pairs,
-        eval_examples=eval_pairs,
-        collate=partial(pad_pairs, pad_token_id=tokenizer.pad_token_id),
-        batch_weight=pair_count,
-        loss_fn=partial(rm_loss, margin=recipe.rm.margin, center_weight=recipe.rm.center_weight,
-                        lm_loss_weight=recipe.rm.lm_loss_weight),
+        data=StageData(
+            train_examples=train_pairs, eval_examples=eval_pairs,
+            collate=partial(pad_pairs, pad_token_id=tokenizer.pad_token_id), batch_weight=pair_count,
+            loss_fn=partial(rm_loss, margin=recipe.rm.margin, center_weight=recipe.rm.center_weight,
+                            lm_loss_weight=recipe.rm.lm_loss_weight),
+            weight_name="pairs"),
         title="rm",
-        weight_name="pairs",
     )
-    trainer = Trainer(recipe, task, backend, run_dir)
-    if resume:
-        trainer.resume()
-    last_eval = trainer.run()
+    trainer = Trainer(recipe, task, backend)
+    last_eval = run_stage(recipe, backend, run_dir, trainer.parts(), resume)
     stats_row = last_eval
     if not stats_row:  # no eval data: the statistics come from training pairs
-        trainer.task.eval_examples = train_pairs[:TRAIN_STATS_PAIRS]
-        stats_row = trainer.evaluate(trainer.total_steps, log=False)
+        trainer.data.eval_examples = train_pairs[:TRAIN_STATS_PAIRS]
+        stats_row = trainer.evaluate(trainer.total_steps)
     stats = json.dumps(reward_stats(stats_row, "eval" if last_eval else "train"), indent=1)
     final = save_final_model(backend, trainer.model, lambda m: m.rm, tokenizer, run_dir / FINAL,
                              prefix="rm.", extra_files={REWARD_STATS: stats})

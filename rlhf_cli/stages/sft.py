@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from ..data.collate import pad_batch
 from ..data.loaders import load_sft
 from ..engine.final_model import save_final_model
-from ..engine.loop import StageTask, Trainer
+from ..engine.loop import StageData, StageTask, Trainer
 from ..engine.plots import plot_run
 from ..engine.progress import say
 from ..engine.run_dir import FINAL
+from ..engine.runner import run_stage
 from ..engine.scoring import policy_scorer
 from ..models.lm_forward import selected_logits, shifted_targets
 from ..models.policy import policy_model, tokenizer_for
@@ -55,18 +56,14 @@ def run_sft(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dic
     scorer = policy_scorer(recipe, tokenizer, backend)
     task = StageTask(
         model=SFTObjective(lm),
-        train_examples=train_examples,
-        eval_examples=eval_examples,
-        collate=partial(pad_batch, pad_token_id=tokenizer.pad_token_id),
-        batch_weight=trained_tokens,
-        loss_fn=sft_loss,
+        data=StageData(train_examples=train_examples, eval_examples=eval_examples,
+                       collate=partial(pad_batch, pad_token_id=tokenizer.pad_token_id),
+                       batch_weight=trained_tokens, loss_fn=sft_loss),
         evaluate_extra=scorer,
         title="sft",
     )
-    trainer = Trainer(recipe, task, backend, run_dir)
-    if resume:
-        trainer.resume()
-    last_eval = trainer.run()
+    trainer = Trainer(recipe, task, backend)
+    last_eval = run_stage(recipe, backend, run_dir, trainer.parts(), resume)
     final = save_final_model(backend, trainer.model, lambda m: m.lm, tokenizer, run_dir / FINAL)
     if backend.is_main:
         plot = plot_run(run_dir)

@@ -19,10 +19,11 @@ from ...algorithms.preference import DPOFamilyLoss, preference_loss
 from ...data.collate import pad_pairs
 from ...data.loaders import load_pairs
 from ...engine.final_model import save_final_model
-from ...engine.loop import StageTask, Trainer
+from ...engine.loop import StageData, StageTask, Trainer
 from ...engine.plots import plot_run
 from ...engine.progress import say
 from ...engine.run_dir import FINAL
+from ...engine.runner import run_stage
 from ...engine.scoring import policy_scorer
 from ...models.lm_forward import sequence_logprobs
 from ...models.policy import policy_model, tokenizer_for
@@ -115,18 +116,18 @@ def precompute_reference(objective: DPOObjective, examples, collate, backend, ba
         examples[index]["ref_rejected_logps"] = rejected
 
 
-def _pair_parts(recipe: Recipe, tokenizer, backend, loss: DPOFamilyLoss) -> dict:
+def _pair_parts(recipe: Recipe, tokenizer, backend, loss: DPOFamilyLoss) -> StageData:
     """Pairs, collate, weight and loss of the paired losses, for the shared loop."""
     data = recipe.data
-    return {
-        "train_examples": load_pairs(recipe, tokenizer, data.train, "data.train", backend),
-        "eval_examples": (load_pairs(recipe, tokenizer, data.eval, "data.eval", backend)
-                          if data.eval else None),
-        "collate": partial(collate_pairs, pad_token_id=tokenizer.pad_token_id),
-        "batch_weight": lambda batch: batch["input_ids"].shape[0] // 2,
-        "loss_fn": partial(dpo_step_loss, loss=loss),
-        "weight_name": "pairs",
-    }
+    return StageData(
+        train_examples=load_pairs(recipe, tokenizer, data.train, "data.train", backend),
+        eval_examples=(load_pairs(recipe, tokenizer, data.eval, "data.eval", backend)
+                       if data.eval else None),
+        collate=partial(collate_pairs, pad_token_id=tokenizer.pad_token_id),
+        batch_weight=lambda batch: batch["input_ids"].shape[0] // 2,
+        loss_fn=partial(dpo_step_loss, loss=loss),
+        weight_name="pairs",
+    )
 
 
 def run_dpo(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dict:
@@ -137,18 +138,15 @@ def run_dpo(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dic
     frozen = None
     if recipe.model.lora is None and loss.needs_reference and not cfg.precompute_ref:
         frozen = copy.deepcopy(lm).requires_grad_(False).eval()
-    task = StageTask(model=DPOObjective(lm, frozen), evaluate_extra=policy_scorer(recipe, tokenizer, backend),
-                     title=f"dpo ({cfg.loss_type})", **parts)
-    train_pairs, eval_pairs, collate = parts["train_examples"], parts["eval_examples"], parts["collate"]
-    trainer = Trainer(recipe, task, backend, run_dir)
+    task = StageTask(model=DPOObjective(lm, frozen), data=parts,
+                     evaluate_extra=policy_scorer(recipe, tokenizer, backend), title=f"dpo ({cfg.loss_type})")
+    trainer = Trainer(recipe, task, backend)
     if cfg.precompute_ref and loss.needs_reference:
         size = recipe.train.eval_batch_size or recipe.train.batch_size
-        for examples in filter(None, (train_pairs, eval_pairs)):
-            precompute_reference(backend.unwrap(trainer.model), examples, collate, backend, size)
+        for examples in filter(None, (parts.train_examples, parts.eval_examples)):
+            precompute_reference(backend.unwrap(trainer.model), examples, parts.collate, backend, size)
         say(backend, "reference log-probs precomputed")
-    if resume:
-        trainer.resume()
-    last_eval = trainer.run()
+    last_eval = run_stage(recipe, backend, run_dir, trainer.parts(), resume)
     final = save_final_model(backend, trainer.model, lambda m: m.lm, tokenizer, run_dir / FINAL)
     if backend.is_main:
         plot_run(run_dir)

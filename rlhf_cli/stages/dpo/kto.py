@@ -20,6 +20,7 @@ from ...algorithms.preference import KTOLoss
 from ...data.collate import pad_batch
 from ...data.loaders import load_unpaired
 from ...data.sft import IGNORE_INDEX
+from ...engine.loop import StageData
 from ...errors import UserError
 from ...schema import Recipe
 
@@ -110,18 +111,18 @@ def check_kto(recipe: Recipe) -> None:
                         "another example's completion", where="train.batch_size")
 
 
-def kto_parts(recipe: Recipe, tokenizer, backend, loss: KTOLoss) -> dict:
+def kto_parts(recipe: Recipe, tokenizer, backend, loss: KTOLoss) -> StageData:
     """Train/eval examples, collate, weight, loss and metric finishing for the shared loop."""
     check_kto(recipe)
     data = recipe.data
-    return {
-        "train_examples": load_unpaired(recipe, tokenizer, data.train, "data.train", backend),
-        "eval_examples": (load_unpaired(recipe, tokenizer, data.eval, "data.eval", backend)
-                          if data.eval else None),
-        "collate": partial(collate_unpaired, pad_token_id=tokenizer.pad_token_id,
-                           max_length=data.max_length),
-        "batch_weight": lambda batch: batch["input_ids"].shape[0] // 2,
-        "loss_fn": partial(kto_step_loss, loss=loss),
-        "finish_metrics": finish_kto_metrics,
-        "weight_name": "examples",
-    }
+    return StageData(
+        train_examples=load_unpaired(recipe, tokenizer, data.train, "data.train", backend),
+        eval_examples=(load_unpaired(recipe, tokenizer, data.eval, "data.eval", backend)
+                       if data.eval else None),
+        collate=partial(collate_unpaired, pad_token_id=tokenizer.pad_token_id,
+                        max_length=data.max_length),
+        batch_weight=lambda batch: batch["input_ids"].shape[0] // 2,
+        loss_fn=partial(kto_step_loss, loss=loss),
+        finish_metrics=finish_kto_metrics,
+        weight_name="examples",
+    )

@@ -15,10 +15,8 @@ and writes into them through DeepSpeed's GatheredParameters, on every process at
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ...models.zero3 import gathered
 
@@ -63,11 +61,11 @@ class ActorEMA:
         """A copy of a full state dict (the arrangement's) with the EMA in the actor's place."""
         return {k: (self.shadow[k].to(v.dtype) if k in self.shadow else v) for k, v in state.items()}
 
-    def save(self, directory: Path) -> None:
-        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(Path(directory) / EMA_FILE))
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only: the runner writes it to `ema.safetensors` in each checkpoint."""
+        return {k: v.contiguous() for k, v in self.shadow.items()}
 
-    def load(self, directory: Path) -> None:
-        state = load_file(str(Path(directory) / EMA_FILE))
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state.keys() != self.shadow.keys():
             raise RuntimeError(f"{EMA_FILE} does not match the actor's weights")
         for name, tensor in state.items():

@@ -1,4 +1,4 @@
-"""From a rollout to training targets: scores, per-token KL rewards, advantages.
+"""From a rollout to training targets: the experience, then its advantages.
 
 Old log-probs, reference log-probs and values (with a critic) are computed once per
 rollout, without grad, in eval mode, at the rollout temperature. Advantages come from
@@ -10,6 +10,7 @@ the rollout keeps on one process.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -22,14 +23,26 @@ from .rollout import Rollout
 
 @dataclass
 class Experience:
-    rollout: Rollout
-    old_logprobs: torch.Tensor  # [B, R]
-    ref_logprobs: torch.Tensor  # [B, R]
-    old_values: torch.Tensor | None  # [B, R]; None without a critic
-    advantages: torch.Tensor  # [B, R]
-    returns: torch.Tensor  # [B, R]
-    scores: torch.Tensor  # [B] raw scores (before normalisation and penalties)
-    kl_per_response: torch.Tensor  # [B] Σ_t (log π_old − log π_ref)
+    """B sampled responses (rows) with everything the updates need; R: the response width."""
+
+    input_ids: torch.Tensor  # [B, P + R] prompt (left-padded to P) | response (right-padded)
+    attention_mask: torch.Tensor  # [B, P + R]
+    tokens: torch.Tensor  # [B, R] the response tokens (pad after the end)
+    response_mask: torch.Tensor  # [B, R] float: 1 on response tokens (EOS included)
+    prompt_width: int  # P
+    old_logprobs: torch.Tensor  # [B, R] log π_old, the policy that sampled
+    ref_logprobs: torch.Tensor  # [B, R] log π_ref
+    old_values: torch.Tensor | None  # [B, R] the critic's values (masked); None without a critic
+    kl: torch.Tensor  # [B, R] per-token KL estimate (`ppo.kl_estimator`), masked
+    rewards: torch.Tensor  # [B] the scores shaped for training (normalised, EOS penalty, clipped)
+    kl_per_response: torch.Tensor  # [B] Σ_t (log π_old − log π_ref), for the logs
+    advantages: torch.Tensor | None = None  # [B, R] from `with_advantages`
+    returns: torch.Tensor | None = None  # [B, R] the critic's targets (with a critic)
+
+    def select(self, index: torch.Tensor) -> Experience:
+        """The rows `index` (a minibatch or micro-batch)."""
+        picked = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Experience(**{k: v[index] if isinstance(v, torch.Tensor) else v for k, v in picked.items()})
 
 
 def shape_scores(raw: torch.Tensor, ended: torch.Tensor, ppo: PPOSection,
@@ -62,21 +75,28 @@ def summed_over_processes(backend):
     return lambda moments: tuple(backend.all_reduce_sum(m) for m in moments)
 
 
-def build_experience(arrangement, rollout: Rollout, raw_scores: torch.Tensor, ppo: PPOSection,
-                     kl_coef: float, backend, reward_stats: dict | None) -> Experience:
+def make_experience(arrangement, rollout: Rollout, raw_scores: torch.Tensor, ppo: PPOSection,
+                    reward_stats: dict | None) -> Experience:
+    """The rollout, its old/reference log-probs and values, KL and shaped rewards (no advantages yet)."""
     old_logp, ref_logp, values = old_policy_outputs(arrangement, rollout)
     mask = rollout.response_mask
     if values is not None:
         values = values * mask
-    kl = kl_estimate(old_logp, ref_logp, ppo.kl_estimator) * mask
-    scores = shape_scores(raw_scores, rollout.ended.to(raw_scores.device), ppo, reward_stats)
+    return Experience(
+        input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, tokens=rollout.tokens,
+        response_mask=mask, prompt_width=rollout.prompt_width, old_logprobs=old_logp,
+        ref_logprobs=ref_logp, old_values=values, kl=kl_estimate(old_logp, ref_logp, ppo.kl_estimator) * mask,
+        rewards=shape_scores(raw_scores, rollout.ended.to(raw_scores.device), ppo, reward_stats),
+        kl_per_response=(kl_k1(old_logp, ref_logp) * mask).sum(dim=1))
+
+
+def with_advantages(experience: Experience, ppo: PPOSection, kl_coef: float, backend) -> Experience:
+    """The experience with advantages and returns (`ppo.advantage`; KL penalty `kl_coef`)."""
     advantages, returns = estimate_advantages(
-        ppo.advantage, scores, kl, mask, kl_coef, values=values, gamma=ppo.gamma, lam=ppo.lam,
-        group_size=ppo.samples_per_prompt,
+        ppo.advantage, experience.rewards, experience.kl, experience.response_mask, kl_coef,
+        values=experience.old_values, gamma=ppo.gamma, lam=ppo.lam, group_size=ppo.samples_per_prompt,
         reduce=summed_over_processes(backend))
-    kl_per_response = (kl_k1(old_logp, ref_logp) * mask).sum(dim=1)
-    return Experience(rollout, old_logp, ref_logp, values, advantages, returns, raw_scores,
-                      kl_per_response)
+    return dataclasses.replace(experience, advantages=advantages, returns=returns)
 
 
 def zero_std_share(scores: torch.Tensor, group_size: int) -> float:

@@ -1,4 +1,4 @@
-"""What a PPO run writes: `final/` and the PPO parts of a checkpoint.
+"""What a PPO run writes: `final/`.
 
 `final/` is the policy adapter (loads with peft against its base) and the tokenizer, with
 the critic's value head beside it when there is a critic. With an actor EMA, `final/`
@@ -48,28 +48,3 @@ def save_ppo_final(backend, wrapped, tokenizer, final_dir: Path, ema=None) -> Pa
             _write_policy(actor, ema.state_dict_for(state), tokenizer, final_dir, with_head=True)
     backend.barrier()
     return final_dir
-
-
-class WithPPOState:
-    """The backend as `save_checkpoint` / `load_checkpoint` see it, plus the actor EMA.
-
-    Those engine functions save and load "the model and optimizer" through
-    `backend.save_state` / `load_state` inside the checkpoint's temporary directory;
-    the EMA file joins them there, so it is part of the same atomic checkpoint.
-    """
-
-    def __init__(self, backend, ema):
-        self._backend, self._ema = backend, ema
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
-
-    def save_state(self, directory: Path) -> None:
-        self._backend.save_state(directory)
-        if self._ema is not None and self._backend.is_main:
-            self._ema.save(directory)
-
-    def load_state(self, directory: Path) -> None:
-        self._backend.load_state(directory)
-        if self._ema is not None:
-            self._ema.load(directory)
