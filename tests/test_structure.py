@@ -25,19 +25,6 @@ ROOT = PACKAGE.name
 MAX_MODULE_LINES = 300
 MAX_FUNCTION_LINES = 50
 
-# Other engineers of issue 12 are shrinking these files in their own branches; the merger
-# empties these lists (and CIRCLES_BEING_BROKEN below). An entry that no longer exceeds its
-# limit fails the test, so the lists can only shrink.
-MODULES_BEING_SPLIT = {
-    "engine/loop.py",  # i12-runner: one runner for every stage
-}
-FUNCTIONS_BEING_SPLIT: set[str] = set()
-# models/reward.py builds a ScoredCausalLM (deferred import) whose forward scores with
-# reward.score_sequences: i12-models owns that code (the one hidden-states / last-token
-# path of item 3) and breaks the circle there; the merger empties this list too.
-CIRCLES_BEING_BROKEN = [
-    [f"{ROOT}.models.reward", f"{ROOT}.models.scored_lm"],
-]
 
 
 def module_name(path: Path) -> str:
@@ -168,8 +155,7 @@ def test_the_checks_find_what_they_look_for():
 
 def test_no_import_circle():
     circles = import_circles(import_graph())
-    assert [c for c in circles if c not in CIRCLES_BEING_BROKEN] == []
-    assert [c for c in CIRCLES_BEING_BROKEN if c not in circles] == [], "broken now: remove it"
+    assert circles == []
 
 
 def test_no_stage_imports_another_stage():
@@ -198,11 +184,9 @@ def test_stages_stand_on_the_layers_and_no_layer_imports_a_stage():
 
 def test_no_module_over_300_lines():
     found = long_modules()
-    assert {name: n for name, n in found.items() if name not in MODULES_BEING_SPLIT} == {}
-    assert sorted(MODULES_BEING_SPLIT - set(found)) == [], "split now: remove it from the list"
+    assert found == {}
 
 
 def test_no_function_over_50_lines():
     found = long_functions()
-    assert {name: n for name, n in found.items() if name not in FUNCTIONS_BEING_SPLIT} == {}
-    assert sorted(FUNCTIONS_BEING_SPLIT - set(found)) == [], "split now: remove it from the list"
+    assert found == {}

@@ -159,7 +159,7 @@ def _two_base(recipe: Recipe, actor, rm_dir, critic: bool) -> Arrangement:
 def _sequence_classifier(recipe: Recipe, source: str):
     from .loading import torch_dtype
     from .quantization import quantized_load_kwargs
-    from .reward import sequence_classifier
+    from .reward_loading import sequence_classifier
 
     dtype = torch_dtype(recipe.model.dtype)
     try:

@@ -56,7 +56,7 @@ def _run_trusts_remote_code(adapter_dir: Path) -> bool:
 
 
 def _check_classifier_exists(config, base: str) -> None:
-    from ..models.reward import has_sequence_classifier
+    from ..models.reward_loading import has_sequence_classifier
 
     if not has_sequence_classifier(config):
         raise UserError(f"{base} has no sequence-classification class of its own (its code ships only "

@@ -32,7 +32,8 @@ from ..models.lm_forward import inner_causal_lm, shifted_targets, token_logprobs
 from ..models.loading import add_lora, count_parameters, resolve_base
 from ..models.logits import LogitTransform
 from ..models.policy import tokenizer_for
-from ..models.reward import base_lm_head, decoder_states, load_sequence_classifier, scores_from_states
+from ..models.reward import base_lm_head, decoder_states, scores_from_states
+from ..models.reward_loading import load_sequence_classifier
 from ..schema import Recipe
 
 REWARD_STATS = "reward_stats.json"

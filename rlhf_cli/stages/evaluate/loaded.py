@@ -14,7 +14,8 @@ from ...errors import UserError
 from ...models.lm_forward import sequence_logprobs
 from ...models.loading import load_tokenizer, resolve_base
 from ...models.quantization import after_quantized_load, recorded_load_kwargs
-from ...models.reward import score_sequences, sequence_classifier
+from ...models.reward import score_sequences
+from ...models.reward_loading import sequence_classifier
 
 
 @dataclass
