@@ -213,6 +213,59 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
             raise
 
 
+# Storage dtypes a built-in base can be materialised in besides float32, by `model.dtype`.
+_CAST_SUFFIX = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def builtin_name(directory: str | Path) -> str | None:
+    """The size a materialised built-in directory holds (`large`), None for any other path."""
+    marker = Path(directory) / MARKER
+    if not marker.is_file():
+        return None
+    spec = marker.read_text().split()[0]
+    return spec[len(PREFIX):] if spec.startswith(PREFIX) else None
+
+
+def weights_for_dtype(directory: str | Path, dtype: torch.dtype) -> Path:
+    """Where to read a built-in base's weights for a run in `dtype`: a copy stored in bf16/fp16.
+
+    The canonical copy is float32. `from_pretrained(..., dtype=bf16)` on it maps the whole
+    float32 file and casts every tensor into fresh memory: 1.4 GiB of file pages plus 0.7 GiB
+    of copies at once for `builtin:large`, a loading peak larger than training's. A copy stored
+    in the run's dtype holds the same values (the same round-to-nearest cast, done once when it
+    is written), loads without a copy, and is what a user's bf16 checkpoint looks like. Any
+    other directory (and float32) is returned as it is.
+    """
+    name = builtin_name(directory)
+    if name is None or dtype not in _CAST_SUFFIX:
+        return Path(directory)
+    root = Path(directory).parent
+    dest = root / f"{name}-{VERSION}-{_CAST_SUFFIX[dtype]}"
+    if _is_complete(dest):
+        return dest
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=root))
+    tmp.chmod(0o755)
+    try:
+        _write_cast(Path(directory), tmp, dtype, name)
+        _move_into_place(tmp, dest)
+    finally:
+        _discard(tmp)
+    return dest
+
+
+def _write_cast(source: Path, dest: Path, dtype: torch.dtype, name: str) -> None:
+    """Everything of `source`, with its weights cast to `dtype`; the marker last."""
+    from safetensors import safe_open
+
+    for item in source.iterdir():
+        if item.is_file() and item.name not in (SAFETENSORS_NAME, MARKER):
+            shutil.copy2(item, dest / item.name)
+    with safe_open(str(source / SAFETENSORS_NAME), framework="pt") as weights:
+        state = {key: weights.get_tensor(key).to(dtype).contiguous() for key in weights.keys()}
+    save_file(state, str(dest / SAFETENSORS_NAME), metadata={"format": "pt"})
+    (dest / MARKER).write_text(f"{PREFIX}{name} {VERSION}\n")
+
+
 def resolve_builtin(spec: str) -> Path | None:
     """`builtin:<size>` -> materialized model directory; None for any other model spec."""
     if not spec.startswith(PREFIX):

@@ -86,14 +86,30 @@ def load_causal_lm(section: ModelSection, source: str | None = None):
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(weights_source(source, dtype), **kwargs)
     except (OSError, ValueError) as exc:
         error = refusal(exc, source) or UserError(f"cannot load model {section.base}: {_first_line(exc)}")
         raise error from None
+    name_after(model, source)
     after_quantized_load(model)
     if section.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
+
+
+def weights_source(source: str, dtype: torch.dtype) -> str:
+    """The directory to read `source`'s weights from in `dtype`: for a built-in base, its
+    copy stored in that dtype (see `builtin.model.weights_for_dtype`); otherwise `source`."""
+    from ..builtin.model import weights_for_dtype
+
+    return str(weights_for_dtype(source, dtype)) if Path(source).is_dir() else source
+
+
+def name_after(model, source: str) -> None:
+    """Name the loaded model after `source`, whichever copy its weights came from: adapters
+    record this name as their base, and one-base PPO compares it with the policy's base."""
+    model.config._name_or_path = source
+    model.name_or_path = source
 
 
 def enable_gradient_checkpointing(model) -> None:

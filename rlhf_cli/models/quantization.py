@@ -73,6 +73,38 @@ def _device_map() -> dict:
 
 
 def after_quantized_load(model) -> None:
+    """Settle a freshly loaded quantized base: detach it from its checkpoint files, hand the
+    loader's freed heap back, and turn off bitsandbytes' CPU inference repacking."""
+    if quantization_of(model) is None:
+        return
+    _own_unquantized_tensors(model)
+    from ..engine.memory import release_freed_memory
+
+    release_freed_memory()
+    _no_cpu_inference_repacking(model)
+
+
+def _own_unquantized_tensors(model) -> None:
+    """Copy the weights bitsandbytes left unquantized (embeddings, head, norms) out of the
+    checkpoint's memory map.
+
+    Loaded from a checkpoint stored in the run's dtype, those tensors are views of the mapped
+    safetensors files, and one of them keeps its whole file mapped: every page the quantizer
+    read stays resident, so a 4-bit `builtin:large` held its bf16 file (713 MiB) besides its
+    own 277 MiB. Parameters are deduplicated by `parameters()`, so tied weights stay tied.
+    """
+    import gc
+
+    import bitsandbytes as bnb
+
+    quantized = (bnb.nn.Params4bit, bnb.nn.Int8Params)
+    for param in model.parameters():
+        if not isinstance(param, quantized):
+            param.data = param.data.clone()
+    gc.collect()  # the last views of the mapped files may sit in reference cycles
+
+
+def _no_cpu_inference_repacking(model) -> None:
     """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
 
     On CPUs with AVX512-BF16, a `Linear4bit` run in eval mode under no_grad rewrites its
