@@ -15,6 +15,17 @@ from typing import Annotated
 import click
 import typer
 
+from .cli_common import (
+    DebugOpt,
+    DryOpt,
+    OutOpt,
+    OverwriteOpt,
+    RecipeOpt,
+    ResumeOpt,
+    SetOpt,
+    debug_wanted,
+    fail,
+)
 from .errors import EXIT_USER_ERROR, UserError
 
 app = typer.Typer(
@@ -27,38 +38,13 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="YAML recipe file.")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="Override a recipe key: `--set train.lr=1e-4` "
-                 "(repeatable; the value is YAML, `null` clears an optional key)."),
-]
-OutOpt = Annotated[str | None, typer.Option("--output-dir", "-o", help="Run directory.")]
-DryOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe, the launch "
-                                      "command and the first example; train nothing.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete "
-                                         "checkpoint in the output directory.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in the "
-                                            "output directory.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for user errors.")]
-
-
-def _debug_wanted(flag: bool) -> bool:
-    return flag or os.environ.get("RLHF_DEBUG", "") not in ("", "0")
-
-
-def _fail(exc: UserError, debug: bool) -> None:
-    if debug:
-        raise exc
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(EXIT_USER_ERROR)
 
 
 def _train(stage: str, recipe: Path, overrides: list[str] | None, output_dir: str | None,
            dry_run: bool, resume: bool, overwrite: bool, debug: bool) -> None:
     from . import config
 
-    debug = _debug_wanted(debug)
+    debug = debug_wanted(debug)
     try:
         resolved = config.load_recipe(recipe, overrides or [], stage=stage, output_dir=output_dir)
         if resume and overwrite:
@@ -87,7 +73,7 @@ def _train(stage: str, recipe: Path, overrides: list[str] | None, output_dir: st
                 # with "already holds a run".
                 discard_untrained_run(run_dir, remove_dir=created)
     except UserError as exc:
-        _fail(exc, debug)
+        fail(exc, debug)
     if code:
         raise typer.Exit(code)
 
@@ -175,7 +161,7 @@ def merge_lora(
 
         rlhf merge-lora runs/tiny-sft --out runs/tiny-sft-merged
     """
-    debug = _debug_wanted(debug)
+    debug = debug_wanted(debug)
     try:
         from .quiet import quiet_libraries
 
@@ -184,7 +170,7 @@ def merge_lora(
 
         run_merge(source, out, overwrite=overwrite)
     except UserError as exc:
-        _fail(exc, debug)
+        fail(exc, debug)
 
 
 @app.command("eval")
@@ -218,7 +204,7 @@ def evaluate(
 
         rlhf eval --model runs/tiny-rm --data builtin:sort:eval --out report.json
     """
-    debug = _debug_wanted(debug)
+    debug = debug_wanted(debug)
     try:
         from .quiet import quiet_libraries
 
@@ -231,7 +217,7 @@ def evaluate(
         run_eval(model, data, out=out, reward_model=reward_model, reward_fn=reward_fn,
                  generate=generate, reference=reference, overrides=overrides)
     except UserError as exc:
-        _fail(exc, debug)
+        fail(exc, debug)
 
 
 @app.command("preview")
@@ -250,14 +236,14 @@ def preview(
     """
     from . import config
 
-    debug = _debug_wanted(debug)
+    debug = debug_wanted(debug)
     try:
         resolved = config.load_recipe(recipe, set_ or [])
         from .dry_run import show_preview
 
         show_preview(resolved, n=n, as_json=as_json)
     except UserError as exc:
-        _fail(exc, debug)
+        fail(exc, debug)
 
 
 # typer >= 0.2x vendors click (`typer._click`) and raises its own classes, whose common base

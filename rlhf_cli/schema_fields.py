@@ -6,9 +6,12 @@ Kept free of torch and of I/O, like the schema.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import Field, field
 from typing import Any
+
+# What a section's cross-key checks yield: (dotted key, message); the first one is reported.
+Problems = Iterator[tuple[str, str]]
 
 
 def choice(default: str, names: Iterable[str]) -> Any:

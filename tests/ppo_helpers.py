@@ -17,10 +17,10 @@ from cli_helpers import REPO
 from rlhf_cli.config import load_recipe
 from rlhf_cli.data.prompt_data import build_prompt_dataset
 from rlhf_cli.data.sources import load_source
+from rlhf_cli.engine.rollout import sample
 from rlhf_cli.models.heads import hidden_states, response_states, token_logprobs_and_entropy
 from rlhf_cli.models.loading import load_causal_lm
 from rlhf_cli.stages.ppo.experience import make_experience, with_advantages
-from rlhf_cli.stages.ppo.rollout import sample
 from rlhf_cli.stages.ppo.update import PPOUpdate
 
 RECIPE = REPO / "recipes" / "tiny-ppo-1base-1lora.yaml"

@@ -113,7 +113,7 @@ def _patch_rollout(module):
 
 
 PATCHES = {"deepspeed.comm": _patch_distributed, "transformers.generation.utils": _patch_generate,
-           "rlhf_cli.stages.ppo.rollout": _patch_rollout}
+           "rlhf_cli.engine.rollout": _patch_rollout}
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):

@@ -16,11 +16,11 @@ import torch
 from ppo_helpers import flags, ppo_recipe, rollout_of
 
 from rlhf_cli.data.prompt_data import build_prompt_dataset
+from rlhf_cli.engine.rollout import response_mask_of, sample
 from rlhf_cli.errors import UserError
 from rlhf_cli.models.adapters import CRITIC, REWARD, active_adapters, adapters_disabled, using_adapter
 from rlhf_cli.models.arrangement_build import build_arrangement
 from rlhf_cli.models.policy import tokenizer_for
-from rlhf_cli.stages.ppo.rollout import response_mask_of, sample
 
 # --------------------------------------------------------------------- adapter plumbing
 

@@ -12,8 +12,8 @@ import torch
 
 from ...engine.memory import release_freed_memory
 from ...engine.reduce import global_sums
+from ...engine.rollout import Rollout
 from .experience import Experience, zero_std_share
-from .rollout import Rollout
 
 SAMPLES = "samples.jsonl"
 

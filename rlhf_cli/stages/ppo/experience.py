@@ -17,8 +17,8 @@ import torch
 
 from ...algorithms.kl import kl_estimate, kl_k1
 from ...algorithms.ppo import estimate_advantages
+from ...engine.rollout import Rollout
 from ...schema import PPOSection
-from .rollout import Rollout
 
 
 @dataclass

@@ -19,18 +19,19 @@ import torch
 from ...data.loaders import load_prompts
 from ...engine.bad_steps import BadSteps
 from ...engine.batching import GlobalBatches
+from ...engine.judge import function_judge, model_judge
 from ...engine.memory import memory_metrics
 from ...engine.optim import build_scheduler
 from ...engine.plots import plot_run
 from ...engine.progress import say
 from ...engine.reduce import global_sums
+from ...engine.rollout import decode_responses, sample
 from ...engine.run_dir import FINAL
 from ...engine.runner import run_stage
 from ...engine.scoring import make_task_scorer
 from ...engine.stage import StageParts
 from ...models.arrangement_build import build_arrangement
 from ...models.policy import tokenizer_for
-from ...rewards import load_reward_fn
 from ...schema import Recipe
 from .bookkeeping import Phases, SampleLog, rollout_means
 from .ema import ActorEMA
@@ -38,7 +39,6 @@ from .experience import make_experience, with_advantages
 from .guard import check_kl, check_scores, diverged
 from .optim import ppo_optimizer
 from .ptx import PtxBatches
-from .rollout import decode_responses, sample
 from .saving import save_ppo_final
 from .setup import kl_controller, reward_stats, seed_sampling_stream
 from .update import PPOUpdate, updates_per_iteration
@@ -54,6 +54,8 @@ class PPO:
         arrangement = build_arrangement(recipe, self.tokenizer, announce=backend.is_main)
         self.wrapped = backend.prepare(arrangement, ppo_optimizer(arrangement, recipe))
         self.model = backend.unwrap(self.wrapped)
+        self.judge = (function_judge(self.ppo.reward_fn, "ppo.reward_fn") if self.ppo.reward_fn
+                      else model_judge(self.model.reward_scores))
         seed_sampling_stream(self.train.seed, backend.rank)
         self.ema = ActorEMA(self.model, self.ppo.ema_decay) if self.ppo.ema_decay else None
         # rollout_batch_size prompts per process, each sampled samples_per_prompt times.
@@ -74,12 +76,11 @@ class PPO:
             self.scorer = make_task_scorer(recipe, self.tokenizer, backend)
 
     def _reward_source(self) -> None:
-        self.reward_fn = load_reward_fn(self.ppo.reward_fn) if self.ppo.reward_fn else None
-        if self.reward_fn is not None and self.ppo.reward_model:
+        if self.ppo.reward_fn and self.ppo.reward_model:
             say(self.backend, "scores come from ppo.reward_fn; ppo.reward_model only initialises the critic")
         # The RM's mean/std normalise the RM's own scores, never a reward function's.
-        self.reward_stats = reward_stats(self.recipe) if self.reward_fn is None else None
-        if self.ppo.normalize_reward and self.reward_fn is None and self.reward_stats is None:
+        self.reward_stats = reward_stats(self.recipe) if not self.ppo.reward_fn else None
+        if self.ppo.normalize_reward and not self.ppo.reward_fn and self.reward_stats is None:
             say(self.backend, "ppo.normalize_reward: the reward model has no reward_stats.json; "
                               "scores are used as they are")
 
@@ -120,11 +121,7 @@ class PPO:
     def score(self, rollout, index: int) -> tuple[torch.Tensor, list[str]]:
         """Raw scores [B] from the reward function or model; a NaN/inf one stops the run."""
         responses = decode_responses(rollout, self.tokenizer)
-        if self.reward_fn is not None:
-            values = self.reward_fn(rollout.prompts, responses)
-            scores = torch.tensor(values, dtype=torch.float32, device=rollout.input_ids.device)
-        else:
-            scores = self.model.reward_scores(rollout.input_ids, rollout.attention_mask)
+        scores = self.judge(rollout, responses)
         check_scores(global_sums(self.backend, {"bad": float((~scores.isfinite()).sum())})["bad"], index + 1)
         return scores, responses
 

@@ -1,17 +1,22 @@
 """Rollouts: sample responses with the KV cache, then lay out prompt | response tensors.
 
+The one sampling path of every stage that learns from its own samples (PPO, and the
+sampling stages: generate, rft, online DPO). `sample` reads a policy as "what generates,
+under which context": a PPO arrangement, or any causal LM wrapped in `PlainPolicy`.
+
 Prompts are left-padded to width P, responses right-padded to width R. Everything after
 a response's first EOS is masked; the EOS itself is part of the response.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from ...data.collate import pad_prompts
-from ...models.zero3 import weights_gathered_once
+from ..data.collate import pad_prompts
+from ..models.zero3 import weights_gathered_once
 
 
 @dataclass
@@ -25,6 +30,19 @@ class Rollout:
     prompts: list[str]
 
 
+class PlainPolicy:
+    """A causal LM (plain or peft) as `sample` reads a policy."""
+
+    def __init__(self, lm):
+        self.lm = lm
+
+    def generation_model(self):
+        return self.lm
+
+    def generation_context(self):
+        return contextlib.nullcontext()
+
+
 def response_mask_of(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask [B, R] that covers each row up to and including its first EOS; and `ended` [B]."""
     is_eos = tokens == eos_id
@@ -36,6 +54,9 @@ def response_mask_of(tokens: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, t
 
 def sampling_settings(ppo) -> dict:
     """generate() settings that sample from exactly the distribution the log-probs use.
+
+    `ppo`: anything with temperature, top_p, top_k and max_new_tokens (the PPO section, or
+    a sampling stage's own settings).
 
     Every value is explicit: a setting left out falls back to the model's
     generation_config.json (LLaMA 2 ships temperature 0.6 and top_p 0.9) or to transformers'

@@ -1,0 +1,102 @@
+"""The recipe's `ppo` section (schema.py holds the others; the same conventions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .algorithms.catalog import ADVANTAGE_ESTIMATORS, KL_ESTIMATOR_NAMES, Estimator
+from .schema_fields import Problems, above, at_least, choice, function_ref, local_path
+
+if TYPE_CHECKING:
+    from .schema import Recipe
+
+PPO_ARRANGEMENTS = ("separate", "2base-2lora", "1base-2lora", "1base-1lora")
+
+
+@dataclass
+class PPOSection:
+    arrangement: str = choice("1base-1lora", PPO_ARRANGEMENTS)
+    reward_model: str | None = local_path()
+    reward_fn: str | None = function_ref()
+    kl_coef: float = 0.05
+    kl_estimator: str = choice("k1", KL_ESTIMATOR_NAMES)
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    critic_lr_ratio: float = 5.0
+    ppo_epochs: int = at_least(4, 1)
+    rollout_batch_size: int = at_least(64, 1)
+    mini_batch_size: int = at_least(16, 1)
+    # Responses per forward/backward; mini_batch_size / micro_batch_size of them are accumulated
+    # into one optimizer step (less activation memory, the same update). Default: the minibatch.
+    micro_batch_size: int | None = at_least(None, 1)
+    max_new_tokens: int = at_least(64, 1)
+    temperature: float = above(1.0, 0)
+    top_p: float = 1.0
+    top_k: int = 0
+    reward_clip: float = 10.0
+    normalize_reward: bool = False
+    no_eos_penalty: float = -1.0
+    critic_warmup_steps: int = 0
+    # Advantage estimator; which ones train a critic or compare a prompt's samples: `estimator`.
+    advantage: str = choice("gae", ADVANTAGE_ESTIMATORS)
+    # Responses sampled per prompt (each prompt repeated); group-relative estimators need >= 2.
+    samples_per_prompt: int = at_least(1, 1)
+    # InstructGPT's PPO-ptx: + ptx_coef x the SFT loss on ppo.ptx_data (SFT rows).
+    ptx_coef: float = at_least(0.0, 0)
+    ptx_data: str | None = local_path()
+    ptx_batch_size: int | None = at_least(None, 1)  # SFT rows per update; default ppo.mini_batch_size
+    # EMA of the actor's trainable weights, updated after every optimizer step; final/ holds it.
+    ema_decay: float | None = above(None, 0)  # and below 1
+
+    @property
+    def estimator(self) -> Estimator:
+        """What `advantage` needs: a critic or not, a group of samples per prompt or not."""
+        return ADVANTAGE_ESTIMATORS[self.advantage]
+
+    def problems(self, recipe: Recipe) -> Problems:
+        if recipe.stage != "ppo":
+            return
+        if not (self.reward_model or self.reward_fn):
+            yield "ppo", "PPO needs a reward: set `ppo.reward_model` or `ppo.reward_fn`"
+        if self.estimator.group_relative and self.samples_per_prompt < 2:
+            yield ("ppo.samples_per_prompt",
+                   f"{self.advantage} compares several samples of each prompt: set it to 2 or more")
+        if not self.estimator.needs_critic:
+            yield from self._critic_free_problems()
+        yield from self._micro_batch_problems()
+        if self.ptx_coef > 0 and not self.ptx_data:
+            yield "ppo.ptx_coef", "needs SFT data for the ptx loss: set `ppo.ptx_data`"
+        if self.ema_decay is not None and self.ema_decay >= 1:
+            yield "ppo.ema_decay", f"must be below 1, got {self.ema_decay}"
+
+    def _critic_free_problems(self) -> Problems:
+        no_critic = f"ppo.advantage {self.advantage} trains no critic"
+        if self.arrangement == "1base-2lora":
+            yield ("ppo.arrangement", f"{no_critic}, and 1base-2lora's second adapter is the critic: "
+                   "use 1base-1lora")
+        if self.arrangement == "2base-2lora" and not self.reward_model:
+            yield ("ppo.arrangement", f"{no_critic}, and with a reward function 2base-2lora's second "
+                   "base would hold nothing: use 1base-1lora")
+        if self.critic_warmup_steps:
+            yield "ppo.critic_warmup_steps", f"{no_critic} to warm up: set it to 0"
+
+    def _micro_batch_problems(self) -> Problems:
+        """Every optimizer step must accumulate the same number of micro-batches (DeepSpeed counts
+        them to find the step): the minibatch divides into micro-batches and the rollout into
+        minibatches."""
+        micro, mini = self.micro_batch_size, self.mini_batch_size
+        if micro is None or micro == mini:
+            return
+        if micro > mini or mini % micro:
+            yield "ppo.micro_batch_size", f"{micro} must divide ppo.mini_batch_size ({mini})"
+        responses = self.rollout_batch_size * self.samples_per_prompt
+        if responses % mini:
+            yield ("ppo.micro_batch_size", f"with micro-batches, ppo.mini_batch_size ({mini}) must divide "
+                   f"the responses of a rollout ({responses} per process)")
