@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .algorithms.catalog import ADVANTAGE_ESTIMATORS, KL_ESTIMATOR_NAMES, Estimator
 from .schema_fields import Problems, above, at_least, choice, function_ref, local_path
-
-if TYPE_CHECKING:
-    from .schema import Recipe
 
 PPO_ARRANGEMENTS = ("separate", "2base-2lora", "1base-2lora", "1base-1lora")
 
@@ -60,7 +56,7 @@ class PPOSection:
         """What `advantage` needs: a critic or not, a group of samples per prompt or not."""
         return ADVANTAGE_ESTIMATORS[self.advantage]
 
-    def problems(self, recipe: Recipe) -> Problems:
+    def problems(self, recipe) -> Problems:  # recipe: schema.Recipe
         if recipe.stage != "ppo":
             return
         if not (self.reward_model or self.reward_fn):

@@ -11,31 +11,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from rlhf_cli.data.sft import DropReason, _truncate_response, truncate_prompt
 from rlhf_cli.data.templates import Template, Token, encode_segments, render_prompt
 from rlhf_cli.errors import UserError
-
-
-def fit_lengths(prompt: list[Token], responses: list[list[Token]], names: list[str], tokenizer: Any,
-         max_length: int, max_prompt_length: int | None) -> tuple | DropReason:
-    """SFT's truncation on a shared prompt: (prompt, responses, names of the cut parts), or why
-    the row cannot fit."""
-    truncated = []
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt = truncate_prompt(prompt, max_prompt_length, tokenizer.bos_token_id)
-        if prompt is None:
-            return DropReason.MARKER_TOO_LONG
-        truncated.append("prompt")
-    fitted = []
-    for name, response in zip(names, responses, strict=True):
-        if len(prompt) + len(response) > max_length:
-            response = _truncate_response(response, max_length - len(prompt),
-                                          tokenizer.eos_token_id)
-            if response is None:
-                return DropReason.NO_ROOM
-            truncated.append(name)
-        fitted.append(response)
-    return prompt, fitted, truncated
 
 
 def encode_answers(conversation: list[dict], answers: list[str], tokenizer: Any,

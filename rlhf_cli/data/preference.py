@@ -23,13 +23,14 @@ from typing import Any
 
 from rlhf_cli.data.hh import hh_conversation, hh_split, is_verbatim, transcript_prompt
 from rlhf_cli.data.lazy import LazyExamples, with_location
-from rlhf_cli.data.pair_tokens import encode_answers, fit_lengths, shared_prompt
+from rlhf_cli.data.pair_tokens import encode_answers, shared_prompt
 from rlhf_cli.data.sft import (
     IGNORE_INDEX,
     DropReason,
     DropReport,
     _check_lengths,
     _text,
+    fit_lengths,
     messages_of,
 )
 from rlhf_cli.data.templates import (

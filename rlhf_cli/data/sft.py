@@ -140,17 +140,10 @@ def tokenize_conversation(conversation: list[dict], tokenizer: Any, template: Te
     tokens = tokens[: last + 1]  # the sequence ends on the final EOS
     first = next(i for i, t in enumerate(tokens) if t.train)
     prompt, response = tokens[:first], tokens[first:]
-    truncated = []
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt = truncate_prompt(prompt, max_prompt_length, tokenizer.bos_token_id)
-        if prompt is None:
-            return DropReason.MARKER_TOO_LONG
-        truncated.append("prompt")
-    if len(prompt) + len(response) > max_length:
-        response = _truncate_response(response, max_length - len(prompt), tokenizer.eos_token_id)
-        if response is None:
-            return DropReason.NO_ROOM
-        truncated.append("response")
+    fitted = fit_lengths(prompt, [response], ["response"], tokenizer, max_length, max_prompt_length)
+    if isinstance(fitted, DropReason):
+        return fitted
+    prompt, (response,), truncated = fitted
     tokens = prompt + response
     return {"input_ids": [t.id for t in tokens],
             "labels": [t.id if t.train else IGNORE_INDEX for t in tokens],
@@ -181,6 +174,28 @@ def _truncate_response(response: list[Token], budget: int, eos_id: int) -> list[
     # The cut fell inside an assistant turn: its last kept token becomes the EOS.
     cut[-1] = Token(eos_id, True, False)
     return cut
+
+
+def fit_lengths(prompt: list[Token], responses: list[list[Token]], names: list[str], tokenizer: Any,
+                max_length: int, max_prompt_length: int | None) -> tuple | DropReason:
+    """SFT's truncation of a prompt and the answers that follow it (one for SFT, two for a
+    pair): (prompt, answers, names of the cut parts), or why the row cannot fit."""
+    truncated = []
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt = truncate_prompt(prompt, max_prompt_length, tokenizer.bos_token_id)
+        if prompt is None:
+            return DropReason.MARKER_TOO_LONG
+        truncated.append("prompt")
+    fitted = []
+    for name, response in zip(names, responses, strict=True):
+        if len(prompt) + len(response) > max_length:
+            response = _truncate_response(response, max_length - len(prompt),
+                                          tokenizer.eos_token_id)
+            if response is None:
+                return DropReason.NO_ROOM
+            truncated.append(name)
+        fitted.append(response)
+    return prompt, fitted, truncated
 
 
 def build_sft_dataset(rows: list[dict], tokenizer: Any, template: str, max_length: int,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rlhf_cli.data.lazy import LazyExamples
-from rlhf_cli.data.pair_tokens import encode_answers, fit_lengths, shared_prompt
+from rlhf_cli.data.pair_tokens import encode_answers, shared_prompt
 from rlhf_cli.data.preference import (
     Drop,
     PairDrop,
@@ -21,7 +21,7 @@ from rlhf_cli.data.preference import (
     prompt_turns,
     with_location,
 )
-from rlhf_cli.data.sft import IGNORE_INDEX, DropReason, DropReport, _check_lengths
+from rlhf_cli.data.sft import IGNORE_INDEX, DropReason, DropReport, _check_lengths, fit_lengths
 from rlhf_cli.data.templates import Template, get_template
 from rlhf_cli.errors import UserError
 
