@@ -47,7 +47,7 @@ class PPOSection:
     # (no policy or ptx term, the actor's gradients dropped before each step). In 1base-1lora
     # that trains only the value head, on the shared adapter's states as they are. Not with
     # launch.deepspeed (it steps inside its backward). stages/ppo/warmup.py says why.
-    critic_warmup_steps: int = at_least(0, 0)
+    critic_warmup_steps: int = 0
     # Advantage estimator; which ones train a critic or compare a prompt's samples: `estimator`.
     advantage: str = choice("gae", ADVANTAGE_ESTIMATORS)
     # Responses sampled per prompt (each prompt repeated); group-relative estimators need >= 2.
