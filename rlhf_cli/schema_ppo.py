@@ -39,6 +39,10 @@ class PPOSection:
     reward_clip: float = 10.0
     normalize_reward: bool = False
     no_eos_penalty: float = -1.0
+    # The first N iterations train the critic alone; the actor's weights stay bitwise unchanged
+    # (no policy or ptx term, the actor's gradients dropped before each step). In 1base-1lora
+    # that trains only the value head, on the shared adapter's states as they are. Not with
+    # launch.deepspeed (it steps inside its backward). stages/ppo/warmup.py says why.
     critic_warmup_steps: int = 0
     # Advantage estimator; which ones train a critic or compare a prompt's samples: `estimator`.
     advantage: str = choice("gae", ADVANTAGE_ESTIMATORS)
@@ -67,6 +71,9 @@ class PPOSection:
         if not self.estimator.needs_critic:
             yield from self._critic_free_problems()
         yield from self._micro_batch_problems()
+        if self.critic_warmup_steps and recipe.launch.deepspeed:
+            yield ("ppo.critic_warmup_steps", "cannot keep the actor still under launch.deepspeed (DeepSpeed "
+                   "steps every weight inside its backward): set it to 0 or train without DeepSpeed")
         if self.ptx_coef > 0 and not self.ptx_data:
             yield "ppo.ptx_coef", "needs SFT data for the ptx loss: set `ppo.ptx_data`"
         if self.ema_decay is not None and self.ema_decay >= 1:

@@ -69,11 +69,13 @@ def test_generate_with_a_reward_function(runs):
     assert gen["num_prompts"] == 16
     for key in ("mean_reward", "reference_mean_reward", "win_rate"):
         assert 0.0 <= gen[key] <= 1.0, (key, gen)
-    assert math.isfinite(gen["kl"])
+    assert math.isfinite(gen["kl"]) and gen["kl"] >= 0  # an exact KL (issue 13), never negative
+    assert "exact KL" in gen["kl_definition"] and "T=1" in gen["kl_definition"]
     assert len(gen["samples"]) == 5 and gen["samples"][0]["prompt"].startswith("sort ")
     markdown = out.with_suffix(".md").read_text()
     assert "| accuracy |" in markdown and "| generation/win_rate |" in markdown
     assert "| generation/num_prompts | 16 |" in markdown
+    assert f"generation/kl: {gen['kl_definition']}." in markdown
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
     # Sampling is seeded: the same evaluation in-process gives the same numbers.

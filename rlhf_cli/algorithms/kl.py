@@ -42,6 +42,27 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
     return KL_ESTIMATORS[kind](logp, ref_logp)
 
 
+# Rows per chunk in `exact_kl`: its float32 temporaries stay near 64 MiB each.
+_KL_CHUNK_BYTES = 64 * 2**20
+
+
+def exact_kl(logits: Tensor, ref_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(softmax(logits/T) ‖ softmax(ref_logits/T)) of each row, summed over the whole vocabulary.
+
+    The exact per-token KL of two next-token distributions (not an estimate from the sampled
+    token). [N, V] -> [N], float32, a chunk of rows at a time. A token the policy gives
+    probability 0 adds 0.
+    """
+    rows = max(1, _KL_CHUNK_BYTES // (4 * logits.shape[-1]))
+    out = []
+    for start in range(0, logits.shape[0], rows):
+        logp = torch.log_softmax(logits[start:start + rows].float() / temperature, dim=-1)
+        ref_logp = torch.log_softmax(ref_logits[start:start + rows].float() / temperature, dim=-1)
+        p = logp.exp()
+        out.append(torch.where(p > 0, p * (logp - ref_logp), torch.zeros_like(p)).sum(dim=-1))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
 class _KLCoefficient:
     """The coefficient is the controller's whole state: checkpoints carry it (engine/runner.py)."""
 

@@ -19,7 +19,10 @@ from ..errors import UserError
 
 class GlobalBatches:
     def __init__(self, num_examples: int, batch_size: int, grad_accum: int, world_size: int,
-                 rank: int, seed: int, shuffle: bool = True):
+                 rank: int, seed: int, shuffle: bool = True, *, what: str = "examples",
+                 keys: str = "the batch size"):
+        """`what` names the examples and `keys` the recipe keys that set the batch, for the
+        error when there is less than one global batch (each stage passes its own)."""
         self.num_examples = num_examples
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.world_size, self.rank = world_size, rank
@@ -27,12 +30,14 @@ class GlobalBatches:
         self.global_batch = batch_size * grad_accum * world_size
         self.steps_per_epoch = num_examples // self.global_batch
         if self.steps_per_epoch == 0:
-            raise UserError(
-                f"only {num_examples} training examples, fewer than one global batch "
-                f"({batch_size} per process x {grad_accum} accumulation x {world_size} "
-                f"processes = {self.global_batch}): lower train.batch_size or train.grad_accum"
-            )
+            raise UserError(f"only {num_examples} {what}, fewer than one global batch "
+                            f"({self._product()}): lower {keys}")
         self._order_epoch, self._order = -1, array("q")
+
+    def _product(self) -> str:
+        accumulation = f" x {self.grad_accum} accumulation" if self.grad_accum != 1 else ""
+        return (f"{self.batch_size} per process{accumulation} x {self.world_size} processes "
+                f"= {self.global_batch}")
 
     def total_steps(self, epochs: float, max_steps: int | None) -> int:
         if max_steps is not None:

@@ -74,7 +74,8 @@ class Trainer:
         self.recipe, self.task, self.data, self.backend = recipe, task, task.data, backend
         train = recipe.train
         self.batches = GlobalBatches(len(self.data.train_examples), train.batch_size, train.grad_accum,
-                                     backend.world_size, backend.rank, train.seed)
+                                     backend.world_size, backend.rank, train.seed, what="training examples",
+                                     keys="train.batch_size or train.grad_accum")
         self.total_steps = self.batches.total_steps(train.epochs, train.max_steps)
         optimizer = build_optimizer(task.model.parameters(), train)
         self.model = backend.prepare(task.model, optimizer)

@@ -24,8 +24,7 @@ def generate(lm, prompt_ids: list[list[int]], tokenizer, max_new_tokens: int, *,
     with weights_gathered_once(lm):  # ZeRO-3: one all-gather per call, not one per token
         out = lm.generate(
             input_ids=input_ids.to(device), attention_mask=attention.to(device),
-            max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature if do_sample else None, top_p=None, top_k=None,
+            max_new_tokens=max_new_tokens, do_sample=do_sample, **_sampling(do_sample, temperature),
             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced,
         )
     lm.train(was_training)
@@ -35,3 +34,12 @@ def generate(lm, prompt_ids: list[list[int]], tokenizer, max_new_tokens: int, *,
             row = row[:row.index(tokenizer.eos_token_id)]
         responses.append(row)
     return responses
+
+
+def _sampling(do_sample: bool, temperature: float) -> dict:
+    """Sampling from exactly softmax(logits / T): every setting that would reshape it is pinned,
+    or the model's generation_config.json (a repetition penalty, top-p) would apply."""
+    if not do_sample:
+        return {"temperature": None, "top_p": None, "top_k": None}
+    return {"temperature": temperature, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0,
+            "typical_p": 1.0}

@@ -1,20 +1,24 @@
 """Generation-based evaluation: sample from the policy and its reference, score both.
 
 Reported: mean reward of each, win rate of the policy against the reference (ties
-count half), and KL to the reference = mean over prompts of Σ_t [log π − log π_ref] on
-the policy's own samples (a k1 estimate of KL(π‖π_ref) per response). Sampling is seeded
-(`settings.seed`), so a report can be reproduced.
+count half), and `kl`: along each of the policy's responses, the exact KL between the two
+next-token distributions at every sampled token, summed over the vocabulary, summed over the
+response (its EOS included), then the mean over responses. The distributions are the ones
+sampled from, π/T and π_ref/T (log-probs from models/, so every family's logit transform
+applies); at temperature 0 (greedy) they are the T = 1 distributions along the greedy
+responses. `kl_definition` says this in the report. Sampling is seeded (`settings.seed`), so
+a report can be reproduced.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from ...algorithms.kl import exact_kl
 from ...data.collate import pad_batch
 from ...engine.sampling import generate
 from ...errors import UserError
+from ...models.lm_forward import shifted_targets
 from ...rewards import load_reward_fn
 
 
@@ -26,12 +30,9 @@ def prompt_ids_of(example: dict) -> list[int]:
 
 
 def _sample(loaded, prompts: list[list[int]], settings, reference: bool) -> list[list[int]]:
-    model = loaded.reference if reference and loaded.reference is not None else loaded.model
-    disable = (loaded.model.disable_adapter() if reference and loaded.reference is None
-               else contextlib.nullcontext())
     greedy = settings.temperature == 0
     out = []
-    with disable:
+    with loaded.scored(reference) as model:
         for start in range(0, len(prompts), settings.batch_size):
             out += generate(model, prompts[start:start + settings.batch_size], loaded.tokenizer,
                             settings.max_new_tokens, do_sample=not greedy,
@@ -49,13 +50,30 @@ def _sequences(prompts, responses, eos_id: int, max_new_tokens: int) -> list[dic
     return out
 
 
+def kl_temperature(temperature: float) -> float:
+    """The temperature of the distributions the KL compares: the sampling one; T = 1 for greedy."""
+    return temperature if temperature > 0 else 1.0
+
+
+def kl_definition(temperature: float) -> str:
+    along = "greedy responses (T=0): the T=1 distributions" if temperature == 0 else (
+        f"sampled responses: the distributions sampled from, at T={temperature:g}")
+    return ("mean over the policy's responses of the sum over their tokens (EOS included) of the "
+            "exact KL(policy || reference) of the next-token distributions, summed over the "
+            f"vocabulary; along the {along}")
+
+
 @torch.no_grad()
-def _kl(loaded, sequences: list[dict], batch_size: int) -> list[float]:
+def response_kl(loaded, sequences: list[dict], batch_size: int, temperature: float) -> list[float]:
+    """Per sequence: Σ over its labelled tokens of KL(π_T(·|ctx) ‖ π_ref,T(·|ctx)), exact."""
     values = []
     for start in range(0, len(sequences), batch_size):
         batch = pad_batch(sequences[start:start + batch_size], loaded.tokenizer.pad_token_id)
-        args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-        values += (loaded.logps(*args) - loaded.logps(*args, reference=True)).tolist()
+        _, mask = shifted_targets(batch["input_ids"], batch["labels"])
+        args = (batch["input_ids"], batch["attention_mask"], mask)
+        per_token = exact_kl(loaded.logits_at(*args), loaded.logits_at(*args, reference=True), temperature)
+        rows = mask.nonzero()[:, 0].to(per_token.device)
+        values += torch.zeros(mask.shape[0], device=per_token.device).index_add(0, rows, per_token).tolist()
     return values
 
 
@@ -100,12 +118,13 @@ def generation_report(loaded, examples: list[dict], settings, score) -> dict:
     reference_scores = results["reference"][0]
     wins = [1.0 if p > r else 0.5 if p == r else 0.0
             for p, r in zip(policy_scores, reference_scores, strict=True)]
-    kl = _kl(loaded, policy_sequences, settings.batch_size)
+    kl = response_kl(loaded, policy_sequences, settings.batch_size, kl_temperature(settings.temperature))
     return {
         "num_prompts": len(prompts),
         "mean_reward": sum(policy_scores) / len(prompts),
         "reference_mean_reward": sum(reference_scores) / len(prompts),
         "win_rate": sum(wins) / len(prompts),
         "kl": sum(kl) / len(kl),
+        "kl_definition": kl_definition(settings.temperature),
         "samples": [{"prompt": t, "response": s} for t, s in zip(texts[:5], samples[:5], strict=True)],
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from ...config import load_resolved
 from ...engine.run_dir import FINAL, RECIPE
 from ...errors import UserError
-from ...models.lm_forward import sequence_logprobs
+from ...models.lm_forward import selected_logits, sequence_logprobs
 from ...models.loading import load_tokenizer, resolve_base
 from ...models.quantization import after_quantized_load, recorded_load_kwargs
 from ...models.reward import score_sequences
@@ -32,14 +33,29 @@ class LoadedModel:
     def rewards(self, input_ids, attention_mask) -> torch.Tensor:
         return score_sequences(self.model, input_ids, attention_mask)
 
+    @contextlib.contextmanager
+    def scored(self, reference: bool):
+        """The policy, or its reference: `--reference` / the run's base, else the policy with
+        its adapter disabled."""
+        if not reference:
+            yield self.model
+        elif self.reference is not None:
+            yield self.reference
+        else:
+            with self.model.disable_adapter():
+                yield self.model
+
     @torch.no_grad()
     def logps(self, input_ids, attention_mask, labels, reference: bool = False) -> torch.Tensor:
-        if not reference:
-            return sequence_logprobs(self.model, input_ids, attention_mask, labels)[0]
-        if self.reference is not None:
-            return sequence_logprobs(self.reference, input_ids, attention_mask, labels)[0]
-        with self.model.disable_adapter():
-            return sequence_logprobs(self.model, input_ids, attention_mask, labels)[0]
+        with self.scored(reference) as model:
+            return sequence_logprobs(model, input_ids, attention_mask, labels)[0]
+
+    @torch.no_grad()
+    def logits_at(self, input_ids, attention_mask, mask, reference: bool = False) -> torch.Tensor:
+        """Next-token logits [N, V] (float32) where `mask` [B, T-1] is true: exactly
+        `model(...).logits` there, every family's final transform included."""
+        with self.scored(reference) as model:
+            return selected_logits(model, input_ids, attention_mask, mask)
 
     def pair_scores(self, batch: dict, beta: float) -> torch.Tensor:
         """Rewards of the stacked chosen/rejected rows, or implicit rewards β·log π/π_ref."""

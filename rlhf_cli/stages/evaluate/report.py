@@ -66,5 +66,8 @@ def write_markdown(path: Path, report: dict, plots: list[Path]) -> None:
             lines.append(f"| generation/{key} | {value} |")
         elif isinstance(value, float):
             lines.append(f"| generation/{key} | {value:.4f} |")
+    definition = (report.get("generation") or {}).get("kl_definition")
+    if definition:
+        lines += ["", f"generation/kl: {definition}."]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     path.write_text("\n".join(lines))

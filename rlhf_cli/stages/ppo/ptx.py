@@ -21,7 +21,8 @@ class PtxBatches:
         ppo = recipe.ppo
         self.examples = load_sft(recipe, tokenizer, ppo.ptx_data, WHERE, backend)
         self.batches = GlobalBatches(len(self.examples), ppo.ptx_batch_size or ppo.mini_batch_size, 1,
-                                     backend.world_size, backend.rank, recipe.train.seed)
+                                     backend.world_size, backend.rank, recipe.train.seed,
+                                     what=f"rows in {WHERE}", keys="ppo.ptx_batch_size")
         self.pad_token_id, self.device = tokenizer.pad_token_id, backend.device
 
     def __call__(self, update: int) -> dict:

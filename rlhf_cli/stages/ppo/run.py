@@ -60,7 +60,8 @@ class PPO:
         self.ema = ActorEMA(self.model, self.ppo.ema_decay) if self.ppo.ema_decay else None
         # rollout_batch_size prompts per process, each sampled samples_per_prompt times.
         self.batches = GlobalBatches(len(self.prompts), self.ppo.rollout_batch_size, 1,
-                                     backend.world_size, backend.rank, self.train.seed)
+                                     backend.world_size, backend.rank, self.train.seed,
+                                     what="prompts", keys="ppo.rollout_batch_size")
         self.iterations = self.batches.total_steps(self.train.epochs, self.train.max_steps)
         per_iteration = updates_per_iteration(self.ppo)
         self.scheduler = build_scheduler(backend.optimizer, self.train, self.iterations * per_iteration)

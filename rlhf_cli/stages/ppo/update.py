@@ -18,6 +18,7 @@ from ...engine.memory import release_freed_memory
 from ...engine.reduce import global_sums
 from ...schema import PPOSection
 from .experience import Experience, summed_over_processes
+from .warmup import drop_actor_gradients
 
 
 def minibatch_loss(wrapped, rows: Experience, ppo: PPOSection, vf_coef: float, train_actor: bool,
@@ -113,6 +114,8 @@ def minibatch_update(wrapped, experience: Experience, index: torch.Tensor, ptx: 
     if bad:  # as the shared loop does: every backward ran, then the gradients are dropped
         backend.skip_step()
         return False, float("nan")
+    if not train_actor:
+        drop_actor_gradients(wrapped)
     grad_norm = backend.optimizer_step()
     if backend.skipped_step:
         return False, grad_norm
@@ -149,7 +152,8 @@ class PPOUpdate:
         for _ in range(ppo.ppo_epochs):
             order = torch.randperm(rows, generator=generator).to(experience.input_ids.device)
             for minibatch in order.split(ppo.mini_batch_size):
-                ptx = self.ptx_batches(update) if self.ptx_batches is not None else None
+                # No SFT term during critic warm-up: it would train the actor.
+                ptx = self.ptx_batches(update) if self.ptx_batches is not None and train_actor else None
                 applied, norm = self._minibatch(experience, minibatch, ptx, train_actor, totals)
                 release_freed_memory()  # the minibatch's activations and gradients (engine/memory.py)
                 self.scheduler.step()
