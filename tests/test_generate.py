@@ -206,6 +206,20 @@ def test_a_plain_model_directory_and_a_reward_model_judge(in_process, lora_run, 
     assert len({s for r in rows for s in r["scores"]}) > 1
 
 
+def test_an_rm_on_the_runs_base_rides_on_the_policy(in_process, lora_run, rm_run, tmp_path, monkeypatch):
+    """A LoRA run and an RM run on the same base: the RM is a frozen adapter on the policy's
+    base (no separate RM model is loaded)."""
+    from rlhf_cli.models import reward_judge
+
+    def no_second_model(*args, **kwargs):
+        raise AssertionError("a separate reward model was loaded")
+
+    monkeypatch.setattr(reward_judge, "frozen_reward_model", no_second_model)
+    out = tmp_path / "o.jsonl"
+    assert in_process(*generate_args(lora_run, out, "--reward-model", str(rm_run))) == 0
+    assert all(len(r["scores"]) == 3 for r in read_jsonl(out))
+
+
 # ------------------------------------------------------------------------------ slow
 
 
