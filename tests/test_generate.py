@@ -158,6 +158,7 @@ BAD = [
     (["--n", "0"], "--n: must be at least 1"),
     (["--reward-fn", SORT, "--reward-model", "x"], "give one judge"),
     (["--top-p", "0"], "--top-p"),
+    (["--data", "missing.jsonl"], "--data: not found: missing.jsonl"),
 ]
 
 
@@ -170,9 +171,12 @@ def test_bad_settings_are_one_error_line_and_write_nothing(in_process, lora_run,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_out_is_an_error(in_process, lora_run, capsys):
+def test_missing_out_or_model_is_an_error(in_process, lora_run, tmp_path, capsys):
     assert in_process("generate", "--model", str(lora_run), "--data", PROMPTS) == 2
     assert "--out" in error_line(capsys.readouterr().err)
+    assert in_process("generate", "--model", "no-such-run", "--data", PROMPTS, "--out", "o.jsonl") == 2
+    assert "--model: not found: no-such-run" in error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("body,message", [

@@ -40,6 +40,10 @@ class GenerateSettings:
             raise UserError(problem, where=option)
 
     def _problems(self):
+        if not Path(self.model).expanduser().is_dir():
+            yield "--model", f"not found: {self.model} (a run directory, or a model or adapter directory)"
+        if not self.data.startswith("builtin:") and not Path(self.data).expanduser().exists():
+            yield "--data", f"not found: {self.data}"
         if self.n < 1:
             yield "--n", f"must be at least 1 (responses per prompt), got {self.n}"
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
