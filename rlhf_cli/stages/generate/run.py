@@ -34,8 +34,8 @@ def prompt_recipe(recipe, settings: GenerateSettings):
 
 
 def device_of_rank() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():  # more ranks than GPUs share them round-robin
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
 
 
