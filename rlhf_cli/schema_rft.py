@@ -9,14 +9,15 @@ rejection sampling / RFT; more rounds are RAFT, each sampling from the policy th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
+from .algorithms.selection import top_count
 from .schema_fields import Problems, above, at_least, choice, function_ref, local_path
 
-if TYPE_CHECKING:
-    from .schema import Recipe
+# `recipe` below is schema.Recipe, not imported: schema.py imports this module, and an import
+# back, even under TYPE_CHECKING, is a circle to tests/test_structure.py.
+Recipe = Any
 
 # best: per prompt, its highest-scored sample (RAFT "local"); top_fraction: the best
 # `rft.top_fraction` of all the round's samples (RAFT "top"); threshold: every sample scored at
@@ -79,8 +80,3 @@ class RFTSection:
             yield ("train.batch_size", f"a round keeps {kept} samples, fewer than one batch "
                    f"({global_batch}): lower train.batch_size or set train.max_steps")
 
-
-def top_count(samples: int, fraction: float) -> int:
-    """How many of `samples` the top `fraction` is: rounded to the nearest, halves up, at least 1.
-    (Rounded to 9 places first, so that 0.3 x 10 = 3.0000000000000004 counts as 3.)"""
-    return max(1, math.floor(round(samples * fraction, 9) + 0.5))

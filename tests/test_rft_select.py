@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 from cli_helpers import REPO, error_line, rlhf
 
-from rlhf_cli.algorithms.selection import select_best, select_threshold, select_top
-from rlhf_cli.schema_rft import top_count
+from rlhf_cli.algorithms.selection import select_best, select_threshold, select_top, top_count
 from rlhf_cli.stages.rft.round import Samples, kept_indices, round_metrics
 from rlhf_cli.stages.rft.rounds import KeptSamples, RoundFiles, kept_example
 

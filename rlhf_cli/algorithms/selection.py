@@ -7,6 +7,7 @@ rule: the earlier sample wins.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 
 
@@ -19,6 +20,12 @@ def select_best(scores: Sequence[float], group: int) -> list[int]:
         # max keeps the first of equal maxima: the earliest sample of the prompt
         kept.append(max(range(start, start + group), key=lambda i: scores[i]))
     return kept
+
+
+def top_count(samples: int, fraction: float) -> int:
+    """How many of `samples` the top `fraction` is: rounded to the nearest, halves up, at least 1.
+    (Rounded to 9 places first, so that 0.3 x 10 = 3.0000000000000004 counts as 3.)"""
+    return max(1, math.floor(round(samples * fraction, 9) + 0.5))
 
 
 def select_top(scores: Sequence[float], count: int) -> list[int]:

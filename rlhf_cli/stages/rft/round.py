@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ...algorithms.selection import select_best, select_threshold, select_top
+from ...algorithms.selection import select_best, select_threshold, select_top, top_count
 from ...engine.rollout import PlainPolicy, decode_responses, sample
 from ...errors import UserError
-from ...schema_rft import RFTSection, top_count
+from ...schema import RFTSection
 
 
 @dataclass
