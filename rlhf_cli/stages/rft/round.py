@@ -8,11 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from ...algorithms.selection import select_best, select_threshold, select_top, top_count
 from ...engine.rollout import PlainPolicy, decode_responses, sample
-from ...errors import UserError
 from ...schema import RFTSection
 
 
@@ -26,10 +23,10 @@ class Samples:
     scores: list[float]
 
 
-def sample_and_score(lm, prompts: list[dict], tokenizer, rft: RFTSection, judge, device,
-                     judge_key: str) -> Samples:
+def sample_and_score(lm, prompts: list[dict], tokenizer, rft: RFTSection, judge, device) -> Samples:
     """Each prompt sampled `rft.samples_per_prompt` times, `rft.sample_batch_size` responses
-    per generate call, each batch scored by the judge as it comes."""
+    per generate call, each batch scored by the judge as it comes (make_judge's judges refuse a
+    wrong count of scores and NaN/inf ones)."""
     examples = [p for p in prompts for _ in range(rft.samples_per_prompt)]
     policy = PlainPolicy(lm)
     out = Samples(examples, [], [], [])
@@ -37,9 +34,6 @@ def sample_and_score(lm, prompts: list[dict], tokenizer, rft: RFTSection, judge,
         rollout = sample(policy, examples[start:start + rft.sample_batch_size], tokenizer, rft, device)
         responses = decode_responses(rollout, tokenizer)
         scores = judge(rollout, responses)
-        if scores.shape != (len(responses),) or not bool(torch.isfinite(scores).all()):
-            raise UserError(f"the judge gave {tuple(scores.shape)} scores for {len(responses)} responses, "
-                            "or a NaN/infinite one", where=judge_key)
         out.responses += responses
         out.response_ids += [t[m.bool()].tolist() for t, m in zip(rollout.tokens, rollout.response_mask,
                                                                    strict=True)]

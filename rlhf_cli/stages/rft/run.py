@@ -23,7 +23,7 @@ from ...data.loaders import load_prompts
 from ...engine.bad_steps import BadSteps
 from ...engine.batching import GlobalBatches
 from ...engine.final_model import save_final_model
-from ...engine.judge import function_judge
+from ...engine.judge import make_judge
 from ...engine.loop import StageData, diverged
 from ...engine.memory import memory_metrics
 from ...engine.metrics import MetricWindow
@@ -43,13 +43,6 @@ from .round import kept_indices, round_metrics, sample_and_score
 from .rounds import KeptSamples, RoundFiles, kept_example
 
 
-def make_rft_judge(rft):
-    """(judge, the recipe key it comes from)."""
-    if rft.reward_fn:
-        return function_judge(rft.reward_fn, "rft.reward_fn"), "rft.reward_fn"
-    raise UserError("rft.reward_model is not supported yet: use rft.reward_fn", where="rft.reward_model")
-
-
 def steps_per_round(recipe: Recipe) -> int:
     train, kept = recipe.train, recipe.rft.kept_per_round()
     if train.max_steps is not None:
@@ -65,8 +58,12 @@ class RFT:
         if len(self.prompts) < self.rft.prompts_per_round:
             raise UserError(f"{len(self.prompts)} prompts, fewer than rft.prompts_per_round "
                             f"({self.rft.prompts_per_round})", where="data.train")
-        self.judge, self.judge_key = make_rft_judge(self.rft)
-        objective = SFTObjective(policy_model(recipe, announce=backend.is_main))
+        lm = policy_model(recipe, announce=backend.is_main)
+        # An RM trained on this base rides on the policy as a frozen adapter (no second base);
+        # frozen, it stays out of the optimizer, and final/ saves the policy's adapter only.
+        self.judge = make_judge(self.rft.reward_fn, self.rft.reward_model, key_prefix="rft",
+                                model_section=recipe.model, tokenizer=self.tokenizer, policy=lm)
+        objective = SFTObjective(lm)
         self.model = backend.prepare(objective, build_optimizer(objective.parameters(), self.train))
         self.prompt_batches = GlobalBatches(len(self.prompts), self.rft.prompts_per_round, 1, 1, 0,
                                             self.train.seed)
@@ -114,8 +111,7 @@ class RFT:
         tic = time.perf_counter()
         prompts = [self.prompts[i] for i in self.prompt_batches.micro_batches(round_index)[0]]
         lm = self.backend.unwrap(self.model).lm
-        samples = sample_and_score(lm, prompts, self.tokenizer, self.rft, self.judge, self.backend.device,
-                                   self.judge_key)
+        samples = sample_and_score(lm, prompts, self.tokenizer, self.rft, self.judge, self.backend.device)
         kept = kept_indices(samples, self.rft)
         self.kept.set(round_index, [kept_example(samples.examples[i]["prompt_input_ids"],
                                                  samples.response_ids[i]) for i in kept])
