@@ -111,3 +111,23 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(rlhf_home, tmp_path):
     for n in range(1, 5):
         name = f"round-{n}.jsonl"
         assert (run / "rounds" / name).read_text() == (tmp_path / "straight" / "rounds" / name).read_text()
+
+
+@pytest.mark.slow
+def test_a_reward_model_judges_as_a_frozen_adapter_on_the_policy(rm_run, tmp_path):
+    """rft.reward_model: conftest's RM (a LoRA on builtin:tiny) rides on the policy's base; the
+    kept samples carry its scores (not the task's), final/ holds the policy adapter alone, and
+    the round's figures are the kept scores' (test_rft_round.py checks the scores themselves).
+    From the random base, scores are distinct: a task score would be 0 for almost all."""
+    args = ["rft", "--recipe", RFT, *SMALL, "--set", "rft.rounds=1", "--set", "rft.reward_fn=null",
+            "--set", f"rft.reward_model={rm_run}", "-o", "rm"]
+    proc = rlhf(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "rm"
+    kept = read_jsonl(run / "rounds" / "round-1.jsonl")
+    assert len(kept) == 8 and len({k["score"] for k in kept}) > 1
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+    assert not (run / "final" / "reward").exists()  # peft would write a second adapter there
+    row = next(r for r in read_jsonl(run / "metrics.jsonl") if "kept" in r)
+    assert row["kept_score"] == pytest.approx(sum(k["score"] for k in kept) / 8)
+
