@@ -134,6 +134,9 @@ app.command("dpo")(_stage_command(
 app.command("ppo")(_stage_command(
     "ppo", "PPO with actor, critic, reference and reward on one base as LoRA adapters.",
     "rlhf ppo --recipe recipes/llama2-7b-1base-1lora.yaml"))
+app.command("rft")(_stage_command(
+    "rft", "Rejection-sampling fine-tuning: sample, score, keep the best, SFT; rft.rounds > 1 is RAFT.",
+    "rlhf rft --recipe recipes/tiny-rft.yaml"))
 app.command("generate")(generate_command)
 
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from ..data.collate import pad_batch
 from ..data.loaders import load_sft
 from ..engine.final_model import save_final_model
@@ -21,30 +18,9 @@ from ..engine.progress import say
 from ..engine.run_dir import FINAL
 from ..engine.runner import run_stage
 from ..engine.scoring import policy_scorer
-from ..models.lm_forward import selected_logits, shifted_targets
 from ..models.policy import policy_model, tokenizer_for
+from ..models.sft_objective import SFTObjective, sft_loss, trained_tokens
 from ..schema import Recipe
-
-
-class SFTObjective(torch.nn.Module):
-    """Wraps the LM so that DDP/DeepSpeed see one forward that returns the summed loss."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids, attention_mask, labels):
-        targets, mask = shifted_targets(input_ids, labels)
-        logits = selected_logits(self.lm, input_ids, attention_mask, mask)
-        return F.cross_entropy(logits.float(), targets[mask], reduction="sum")
-
-
-def trained_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
-def sft_loss(model, batch):
-    return model(batch["input_ids"], batch["attention_mask"], batch["labels"]), {}
 
 
 def run_sft(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dict:
