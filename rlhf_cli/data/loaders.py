@@ -65,13 +65,15 @@ def load_unpaired(recipe: Recipe, tokenizer, spec: str, key: str, backend):
     return examples
 
 
-def load_prompts(recipe: Recipe, tokenizer, backend):
-    """PPO's prompts, cut to leave room for `ppo.max_new_tokens` in `data.max_length`."""
+def load_prompts(recipe: Recipe, tokenizer, backend, section: str = "ppo"):
+    """The prompts a sampling stage reads, cut to leave room for its `<section>.max_new_tokens`
+    in `data.max_length` (PPO's, online DPO's)."""
     data = recipe.data
     rows = load_source(data.train, "prompts")
-    limit = data.max_prompt_length or data.max_length - recipe.ppo.max_new_tokens
+    limit = data.max_prompt_length or data.max_length - getattr(recipe, section).max_new_tokens
     if limit < 1:
-        raise UserError("data.max_length leaves no room for ppo.max_new_tokens", where="data.max_length")
+        raise UserError(f"data.max_length leaves no room for {section}.max_new_tokens",
+                        where="data.max_length")
     prompts, report = build_prompt_dataset(rows, tokenizer, data.template, limit, source=data.train)
     say(backend, f"data.train: {report.summary()}")
     return prompts
