@@ -81,7 +81,7 @@ def test_a_stand_in_pair_gives_no_gradient_and_no_metrics():
     assert real["pair_weight"].tolist() == [1.0] and stand_in["pair_weight"].tolist() == [0.0]
     total, metrics = online_step_loss(model, real, loss=loss)
     # By hand: Δ = (−1.5 + 1) − (−2 + 1) = 0.5, loss = −log σ(0.05).
-    assert float(total) == pytest.approx(-math.log(1 / (1 + math.exp(-0.05))), rel=1e-6)
+    assert total.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.05))), rel=1e-6)
     assert metrics["rewards/margins"] == pytest.approx(0.05)
     total, metrics = online_step_loss(model, stand_in, loss=loss)
     total.backward()
