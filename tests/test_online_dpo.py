@@ -5,6 +5,7 @@ resume = uninterrupted and a rising held-out score from a briefly trained SFT mo
 from __future__ import annotations
 
 import copy
+import json
 import math
 import shlex
 
@@ -103,17 +104,21 @@ def _response_logps(lm, pairs: list[dict], side: str) -> torch.Tensor:
     return torch.stack(out)
 
 
-@pytest.fixture
-def online(rlhf_home, tmp_path, monkeypatch):
+def online_dpo(*overrides: str):
     from rlhf_cli.config import load_recipe
     from rlhf_cli.engine.backends import make_backend
     from rlhf_cli.models.policy import tokenizer_for
     from rlhf_cli.stages.dpo.online import OnlineDPO
 
+    recipe = load_recipe(RECIPE, [*SMALL, *overrides])
+    return OnlineDPO(recipe, tokenizer_for(recipe), make_backend(recipe))
+
+
+@pytest.fixture
+def online(rlhf_home, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "judge.py").write_text(JUDGE)
-    recipe = load_recipe(RECIPE, [*SMALL, f"dpo.reward_fn={tmp_path / 'judge.py'}:score"])
-    return OnlineDPO(recipe, tokenizer_for(recipe), make_backend(recipe))
+    return online_dpo(f"dpo.reward_fn={tmp_path / 'judge.py'}:score")
 
 
 @torch.no_grad()
@@ -156,6 +161,38 @@ def test_a_step_where_every_prompt_ties_updates_nothing(online, monkeypatch):
     assert row["skipped_share"] == 1.0 and row["pairs"] == 0 and "loss" not in row
     assert all(torch.equal(p, before[n]) for n, p in lm.named_parameters() if p.requires_grad)
     assert online.scheduler.last_epoch == 1  # the schedule moved on
+
+
+def test_a_reward_model_judges_as_a_frozen_adapter_on_the_policy(rm_run, tmp_path, monkeypatch):
+    """An RM trained on the policy's base rides on it as the frozen `reward` adapter: one step
+    pairs by its scores (those of an independently loaded RM), trains the policy's adapter only."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_cli.models.adapters import REWARD
+
+    monkeypatch.chdir(tmp_path)
+    online = online_dpo("dpo.reward_fn=null", f"dpo.reward_model={rm_run}")
+    lm = online.backend.unwrap(online.model).lm
+    assert REWARD in lm.peft_config and lm.active_adapter == "default"
+    frozen = {n: p.detach().clone() for n, p in lm.named_parameters() if f".{REWARD}." in n}
+    judged, real_judge = [], online.judge
+
+    def recording_judge(rollout, responses):
+        judged.append((rollout, real_judge(rollout, responses)))
+        return judged[-1][1]
+
+    online.judge = recording_judge
+    row = online.step(0)
+    assert row["pairs"] > 0 and row["score/chosen"] > row["score/rejected"]
+    assert all(torch.equal(p, frozen[n]) for n, p in lm.named_parameters() if n in frozen)
+    base = json.loads((rm_run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    rm = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=1),
+                                   str(rm_run / "final")).eval()
+    rollout, scores = judged[0]
+    with torch.no_grad():  # prompt | response rows: the score at each row's last real token
+        logits = rm(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits[:, 0]
+    assert scores.tolist() == pytest.approx(logits.tolist(), abs=1e-4)
 
 
 # ------------------------------------------------------------------ bad input

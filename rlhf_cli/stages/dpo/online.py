@@ -22,7 +22,7 @@ from ...data.collate import pad_pairs
 from ...data.loaders import load_prompts
 from ...engine.bad_steps import BadSteps
 from ...engine.batching import GlobalBatches
-from ...engine.judge import function_judge
+from ...engine.judge import make_judge
 from ...engine.loop import StageData, diverged
 from ...engine.memory import memory_metrics
 from ...engine.optim import build_optimizer, build_scheduler
@@ -31,7 +31,6 @@ from ...engine.rollout import PlainPolicy, decode_responses, sample, seed_sampli
 from ...engine.scoring import policy_scorer
 from ...engine.stage import StageParts
 from ...engine.train_step import train_step
-from ...errors import UserError
 from ...schema import Recipe
 from .objective import dpo_objective, dpo_step_loss
 from .pairing import best_and_worst, pair_example
@@ -39,15 +38,6 @@ from .pairing import best_and_worst, pair_example
 # The counts a step sums over every process's micro-batches, for its row.
 COUNTS = ("prompts", "skipped", "pairs", "samples", "score", "score_chosen", "score_rejected",
           "response_tokens")
-
-
-def make_online_judge(recipe: Recipe):
-    """The judge the recipe names: a reward function, or a reward model."""
-    cfg = recipe.dpo
-    if cfg.reward_fn:
-        return function_judge(cfg.reward_fn, "dpo.reward_fn")
-    raise UserError("online DPO with a reward model is not available yet: set dpo.reward_fn",
-                    where="dpo.reward_model")
 
 
 def collate_online_pairs(examples: list[dict], pad_token_id: int) -> dict:
@@ -71,8 +61,10 @@ class OnlineDPO:
         self.recipe, self.cfg, self.train, self.backend = recipe, recipe.dpo, recipe.train, backend
         self.loss, self.tokenizer = preference_loss(self.cfg), tokenizer
         self.prompts = load_prompts(recipe, tokenizer, backend, section="dpo")
-        self.judge = make_online_judge(recipe)
         objective = dpo_objective(recipe, self.loss, backend)
+        # Before the wrapping: an RM trained on the policy's base joins it as a frozen adapter.
+        self.judge = make_judge(self.cfg.reward_fn, self.cfg.reward_model, key_prefix="dpo",
+                                model_section=recipe.model, tokenizer=tokenizer, policy=objective.lm)
         self.batches = GlobalBatches(len(self.prompts), self.train.batch_size, self.train.grad_accum,
                                      backend.world_size, backend.rank, self.train.seed)
         self.total_steps = self.batches.total_steps(self.train.epochs, self.train.max_steps)
@@ -94,7 +86,7 @@ class OnlineDPO:
     # ------------------------------------------------------------------ one step
     def step(self, index: int) -> dict:
         tic = time.perf_counter()
-        micro = [self.sample_pairs(indices, index + 1) for indices in self.batches.micro_batches(index)]
+        micro = [self.sample_pairs(indices) for indices in self.batches.micro_batches(index)]
         counts = {key: 0.0 for key in COUNTS}
         for _, stats in micro:
             counts = {key: counts[key] + stats[key] for key in COUNTS}
@@ -109,15 +101,15 @@ class OnlineDPO:
             row["skipped_steps"] = self.bad_steps.total
         return row
 
-    def sample_pairs(self, prompt_indices: list[int], step: int) -> tuple[list[dict], dict]:
-        """Pairs of this micro-batch's prompts (a stand-in when none), and its counts."""
+    def sample_pairs(self, prompt_indices: list[int]) -> tuple[list[dict], dict]:
+        """Pairs of this micro-batch's prompts (a stand-in when none), and its counts. The judge
+        refuses NaN/inf scores and a wrong count (engine/judge.py)."""
         prompts = [self.prompts[i] for i in prompt_indices]
         k = self.cfg.samples_per_prompt
         policy = PlainPolicy(self.backend.unwrap(self.model).lm)
         rollout = sample(policy, [p for p in prompts for _ in range(k)], self.tokenizer, self.cfg,
                          self.backend.device, synced=self.backend.world_size > 1)
         scores = self.judge(rollout, decode_responses(rollout, self.tokenizer))
-        check_scores(self.backend, scores, step)
         scores = scores.tolist()
         tokens = [t[m.bool()].tolist() for t, m in zip(rollout.tokens, rollout.response_mask, strict=True)]
         kept = [(n, pick) for n, pick in enumerate(best_and_worst(scores, k)) if pick is not None]
@@ -170,12 +162,3 @@ def summarise(counts: dict) -> dict:
         row["score/chosen"] = counts["score_chosen"] / pairs
         row["score/rejected"] = counts["score_rejected"] / pairs
     return row
-
-
-def check_scores(backend, scores: torch.Tensor, step: int) -> None:
-    """A NaN/inf score is a broken judge, not a transient: stop at once, on every process
-    (a reward function's own are caught where it is called, rewards.py)."""
-    bad = int(global_sums(backend, {"bad": float((~scores.isfinite()).sum())})["bad"])
-    if bad:
-        raise UserError(f"online DPO stopped at step {step}: the judge gave NaN/inf scores to {bad} "
-                        "responses; check dpo.reward_model")
