@@ -163,6 +163,19 @@ def test_a_step_where_every_prompt_ties_updates_nothing(online, monkeypatch):
     assert online.scheduler.last_epoch == 1  # the schedule moved on
 
 
+def test_full_fine_tuning_steps_against_a_frozen_copy(rlhf_home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "judge.py").write_text(JUDGE)
+    online = online_dpo(f"dpo.reward_fn={tmp_path / 'judge.py'}:score", "model.lora=null")
+    objective = online.backend.unwrap(online.model)
+    assert objective.frozen_reference is not None
+    before = {n: p.detach().clone() for n, p in objective.named_parameters()}
+    row = online.step(0)
+    assert row["pairs"] > 0 and row["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = its copy
+    moved = {n for n, p in objective.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith("lm.") for n in moved)  # the reference copy stays
+
+
 def test_a_reward_model_judges_as_a_frozen_adapter_on_the_policy(rm_run, tmp_path, monkeypatch):
     """An RM trained on the policy's base rides on it as the frozen `reward` adapter: one step
     pairs by its scores (those of an independently loaded RM), trains the policy's adapter only."""
@@ -211,6 +224,13 @@ def test_bad_online_recipes_are_user_errors(overrides, key, text, rlhf_home, tmp
     line = error_line(proc.stderr)
     assert key in line and text in line and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_preview_shows_the_prompts_online_dpo_samples_from(rlhf_home, tmp_path):
+    proc = rlhf("preview", "--recipe", RECIPE, "--n", "2", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 2 and all("sort" in r["prompt"] and r["prompt_input_ids"] for r in rows)
 
 
 # ------------------------------------------------------------------ slow: resume, learning
