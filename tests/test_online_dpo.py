@@ -163,6 +163,15 @@ def test_a_step_where_every_prompt_ties_updates_nothing(online, monkeypatch):
     assert online.scheduler.last_epoch == 1  # the schedule moved on
 
 
+@pytest.mark.parametrize("loss_type", ["ipo", "simpo"])
+def test_other_paired_losses_step_too(loss_type, rlhf_home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "judge.py").write_text(JUDGE)
+    online = online_dpo(f"dpo.reward_fn={tmp_path / 'judge.py'}:score", f"dpo.loss_type={loss_type}")
+    row = online.step(0)
+    assert row["pairs"] > 0 and math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+
+
 def test_full_fine_tuning_steps_against_a_frozen_copy(rlhf_home, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "judge.py").write_text(JUDGE)
