@@ -96,19 +96,20 @@ def show_preview(recipe: Recipe, n: int, as_json: bool) -> None:
         if as_json:
             return _emit_json(preview.preview_sft(examples, tokenizer, n))
         return out.print(preview.render_preview_rich(examples, tokenizer, n))
-    unpaired = _unpaired_examples(recipe, tokenizer, n) if recipe.stage == "dpo" else None
+    pairs = recipe.stage == "rm" or (recipe.stage == "dpo" and not recipe.dpo.online)  # online: prompts
+    unpaired = _unpaired_examples(recipe, tokenizer, n) if pairs and recipe.stage == "dpo" else None
     if unpaired is not None:  # KTO rows: one completion each, shown like SFT examples
         if as_json:
             items = preview.preview_sft(unpaired, tokenizer, n)
             labelled = zip(items, unpaired, strict=True)
             return _emit_json([{**item, "label": example["label"]} for item, example in labelled])
         return out.print(preview.render_preview_rich(unpaired, tokenizer, n))
-    if recipe.stage in ("rm", "dpo"):
+    if pairs:
         examples = _preference_examples(recipe, tokenizer, n)
         if as_json:
             return _emit_json(preview.preview_preference(examples, tokenizer, n))
         return out.print(preview.render_preference_rich(examples, tokenizer, n))
-    examples = _prompt_examples(recipe, tokenizer, n)  # ppo
+    examples = _prompt_examples(recipe, tokenizer, n)  # ppo, online dpo
     if as_json:
         return _emit_json(preview.preview_prompts(examples, n))
     return out.print(preview.render_prompts_rich(examples, tokenizer, n))

@@ -122,7 +122,8 @@ def preflight(recipe: Recipe) -> None:
     if recipe.launch.deepspeed:
         read_deepspeed_json(recipe.launch.deepspeed)
     for key, spec in (("train.eval_reward_fn", recipe.train.eval_reward_fn),
-                      ("ppo.reward_fn", recipe.ppo.reward_fn), ("rft.reward_fn", recipe.rft.reward_fn)):
+                      ("ppo.reward_fn", recipe.ppo.reward_fn), ("rft.reward_fn", recipe.rft.reward_fn),
+                      ("dpo.reward_fn", recipe.dpo.reward_fn)):
         if spec and spec.partition(":")[0].endswith(".py"):
             if not Path(spec.partition(":")[0]).is_file():
                 raise UserError(f"reward function file not found: {spec}", where=key)
@@ -131,5 +132,7 @@ def preflight(recipe: Recipe) -> None:
         _check_reward_model(recipe.ppo.reward_model)
     if recipe.stage == "rft" and recipe.rft.reward_model:
         _check_reward_model(recipe.rft.reward_model, "rft.reward_model")
+    if recipe.stage == "dpo" and recipe.dpo.online and recipe.dpo.reward_model:
+        _check_reward_model(recipe.dpo.reward_model, "dpo.reward_model")
     if recipe.stage not in STAGE_RUNNERS:
         raise UserError(f"`rlhf {recipe.stage}` is not implemented yet")

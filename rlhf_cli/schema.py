@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .algorithms.catalog import PREFERENCE_LOSS_NAMES
+from .algorithms.catalog import PREFERENCE_LOSS_NAMES, UNPAIRED_LOSS_NAMES
 from .data.templates import TEMPLATES
 from .schema_fields import Problems, above, at_least, choice, function_ref, local_path
 from .schema_ppo import PPOSection
@@ -134,6 +134,30 @@ class DPOSection:
     # KTO's λ_D and λ_U; the paper keeps λ_D·n_D / (λ_U·n_U) within [1, 4/3].
     kto_desirable_weight: float = above(1.0, 0)
     kto_undesirable_weight: float = above(1.0, 0)
+    # online DPO: data.train holds prompts; each step samples samples_per_prompt responses per
+    # prompt from the current policy, and the judge's best and worst become a pair (ties: none).
+    online: bool = False
+    reward_model: str | None = local_path()
+    reward_fn: str | None = function_ref()
+    samples_per_prompt: int = at_least(4, 2)
+    max_new_tokens: int = at_least(64, 1)
+    temperature: float = above(1.0, 0)
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def problems(self, recipe: Recipe) -> Problems:
+        if recipe.stage != "dpo" or not self.online:
+            return
+        if not (self.reward_model or self.reward_fn):
+            yield "dpo.online", "online DPO needs a judge: set `dpo.reward_model` or `dpo.reward_fn`"
+        if self.reward_model and self.reward_fn:
+            yield "dpo.reward_fn", "online DPO takes one judge: set `dpo.reward_model` or `dpo.reward_fn`"
+        if self.loss_type in UNPAIRED_LOSS_NAMES:
+            yield ("dpo.loss_type", f"{self.loss_type} learns from unpaired completions, and online DPO "
+                   "makes pairs: choose a paired loss (e.g. sigmoid)")
+        if self.precompute_ref:
+            yield ("dpo.precompute_ref", "online DPO samples new responses every step, so their "
+                   "reference log-probs cannot be computed before training: set it to false")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from ppo_helpers import RECIPE, OneProcess, rollout_of
 from rlhf_cli.config import load_recipe
 from rlhf_cli.engine.bad_steps import BadSteps
 from rlhf_cli.engine.checkpoint import load_checkpoint, save_checkpoint
+from rlhf_cli.engine.rollout import seed_sampling_stream
 from rlhf_cli.errors import UserError
 from rlhf_cli.models.arrangement_build import build_arrangement
 from rlhf_cli.models.policy import tokenizer_for
@@ -24,7 +25,6 @@ from rlhf_cli.stages.ppo.guard import diverged
 from rlhf_cli.stages.ppo.optim import ppo_optimizer
 from rlhf_cli.stages.ppo.plan import ppo_plan
 from rlhf_cli.stages.ppo.ptx import PtxBatches
-from rlhf_cli.stages.ppo.setup import seed_sampling_stream
 from rlhf_cli.stages.ppo.update import PPOUpdate, minibatch_loss
 
 PTX = ["ppo.ptx_coef=0.3", "ppo.ptx_data=builtin:sort", "ppo.ptx_batch_size=4"]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 # `dpo.loss_type`: the DPO family on pairs, and KTO on unpaired completions.
 PREFERENCE_LOSS_NAMES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto")
+# Those of them that read unpaired completions, not pairs (online DPO makes pairs).
+UNPAIRED_LOSS_NAMES = ("kto",)
 
 # `ppo.kl_estimator`: the per-token estimators of KL(π ‖ π_ref) in kl.py.
 KL_ESTIMATOR_NAMES = ("k1", "k2", "k3")

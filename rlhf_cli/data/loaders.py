@@ -66,8 +66,8 @@ def load_unpaired(recipe: Recipe, tokenizer, spec: str, key: str, backend):
 
 
 def load_prompts(recipe: Recipe, tokenizer, backend, section: str = "ppo"):
-    """The prompts of a sampling stage, cut to leave room for `<section>.max_new_tokens` in
-    `data.max_length` (`section`: the recipe section that samples, ppo or rft)."""
+    """The prompts a sampling stage reads, cut to leave room for its `<section>.max_new_tokens`
+    in `data.max_length` (`section`: the recipe section that samples: ppo, rft, or dpo online)."""
     data = recipe.data
     rows = load_source(data.train, "prompts")
     limit = data.max_prompt_length or data.max_length - getattr(recipe, section).max_new_tokens

@@ -18,6 +18,9 @@ import torch
 from ..data.collate import pad_prompts
 from ..models.zero3 import weights_gathered_once
 
+# Not the run's seed itself: that one already drew the initial weights.
+SAMPLING_SEED_OFFSET = 1
+
 
 @dataclass
 class Rollout:
@@ -94,3 +97,15 @@ def sample(arrangement, examples: list[dict], tokenizer, ppo, device, synced: bo
 def decode_responses(rollout: Rollout, tokenizer) -> list[str]:
     rows = [t[m.bool()].tolist() for t, m in zip(rollout.tokens, rollout.response_mask, strict=True)]
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def seed_sampling_stream(seed: int, rank: int) -> None:
+    """Seed the random stream the rollouts are sampled from, once the models are built.
+
+    Building draws from the global generator as much as the arrangement and the reward
+    source need (fresh LoRA weights, a critic's head), so seeding after it makes one seed
+    sample the same rollouts whatever was built. Each process gets a stream of its own:
+    identical streams would sample correlated rollouts on every rank. A checkpoint keeps
+    each rank's state (rng-rank{N}.pt), restored after this on --resume.
+    """
+    torch.manual_seed(seed + SAMPLING_SEED_OFFSET + 1_000_003 * rank)

@@ -25,7 +25,7 @@ from ...engine.optim import build_scheduler
 from ...engine.plots import plot_run
 from ...engine.progress import say
 from ...engine.reduce import global_sums
-from ...engine.rollout import decode_responses, sample
+from ...engine.rollout import decode_responses, sample, seed_sampling_stream
 from ...engine.run_dir import FINAL
 from ...engine.runner import run_stage
 from ...engine.scoring import make_task_scorer
@@ -40,7 +40,7 @@ from .guard import check_kl, check_scores, diverged
 from .optim import ppo_optimizer
 from .ptx import PtxBatches
 from .saving import save_ppo_final
-from .setup import kl_controller, reward_stats, seed_sampling_stream
+from .setup import kl_controller, reward_stats
 from .update import PPOUpdate, updates_per_iteration
 
 

@@ -6,14 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from ...algorithms.kl import AdaptiveKLController, FixedKLController
 from ...engine.run_dir import FINAL
 from ...schema import Recipe
-
-# Not the run's seed itself: that one already drew the initial weights.
-SAMPLING_SEED_OFFSET = 1
 
 
 def reward_stats(recipe: Recipe) -> dict | None:
@@ -30,15 +25,3 @@ def kl_controller(ppo):
     if ppo.adaptive_kl:
         return AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
     return FixedKLController(ppo.kl_coef)
-
-
-def seed_sampling_stream(seed: int, rank: int) -> None:
-    """Seed the random stream the rollouts are sampled from, once the models are built.
-
-    Building draws from the global generator as much as the arrangement and the reward
-    source need (fresh LoRA weights, a critic's head), so seeding after it makes one seed
-    sample the same rollouts whatever was built. Each process gets a stream of its own:
-    identical streams would sample correlated rollouts on every rank. A checkpoint keeps
-    each rank's state (rng-rank{N}.pt), restored after this on --resume.
-    """
-    torch.manual_seed(seed + SAMPLING_SEED_OFFSET + 1_000_003 * rank)
