@@ -68,7 +68,9 @@ def _greedy_scores(out: str, work_dir, sft, recipe: str) -> dict[int, float]:
 def test_ppo_max_learns_at_least_as_well_as_the_default(work, sft_base):  # noqa: F811
     """30 iterations of tiny-ppo-max and of the recipe it extends (tiny-ppo-1base-2lora), from
     the same 30-step SFT model: the greedy held-out score rises with PPO-max, by at least the
-    default's rise less 0.03 (figures in the report of issue 13)."""
+    default's rise less 0.03. Measured from 0.453: default +0.136 / +0.208 / +0.207 and PPO-max
+    +0.142 / +0.202 / +0.158 with seeds 42 (this test) / 1 / 2; PPO-max without the advantage
+    clip, seed 2: +0.170. About as well as the default, not better, on this task."""
     default = _greedy_scores("default-1base-2lora", work, sft_base, "tiny-ppo-1base-2lora.yaml")
     ppo_max = _greedy_scores("ppo-max", work, sft_base, "tiny-ppo-max.yaml")
     assert default[0] == ppo_max[0]  # the same start
