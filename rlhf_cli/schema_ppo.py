@@ -54,11 +54,36 @@ class PPOSection:
     ptx_batch_size: int | None = at_least(None, 1)  # SFT rows per update; default ppo.mini_batch_size
     # EMA of the actor's trainable weights, updated after every optimizer step; final/ holds it.
     ema_decay: float | None = above(None, 0)  # and below 1
+    # PPO-max (MOSS-RLHF, "Secrets of RLHF in LLMs, Part I"): each off by default; README's
+    # PPO-max table gives the paper's values. Scores: running moments of every score so far
+    # (this batch included, all processes), after the EOS penalty and before reward_clip.
+    reward_scaling: bool = False  # divide each score by the running std
+    reward_centering: bool = False  # subtract the running mean (both on: the paper's normalisation)
+    advantage_clip: float | None = above(None, 0)  # |A| <= c, after the advantages are whitened
+    entropy_coef: float = at_least(0.0, 0)  # loss -= coef x token-mean entropy (raises entropy)
+    dual_clip: float | None = above(None, 1)  # where A < 0 the policy loss is at most -c.A
+    # The critic's optimizer group where it has weights of its own (not 1base-1lora, not
+    # critic-free): critic_lr replaces train.lr x critic_lr_ratio; unset betas/eps: train.adam_*.
+    critic_lr: float | None = above(None, 0)
+    critic_adam_beta1: float | None = at_least(None, 0)  # and below 1
+    critic_adam_beta2: float | None = at_least(None, 0)  # and below 1
+    critic_adam_eps: float | None = above(None, 0)
 
     @property
     def estimator(self) -> Estimator:
         """What `advantage` needs: a critic or not, a group of samples per prompt or not."""
         return ADVANTAGE_ESTIMATORS[self.advantage]
+
+    def critic_optimizer(self, train) -> dict:  # train: schema.TrainSection
+        """The critic group's lr, betas and eps where the critic has weights of its own:
+        critic_lr (else train.lr x critic_lr_ratio) and critic_adam_* where set, else the
+        actor's train.adam_* (PPO-max gives the critic its own rate and eps)."""
+        def own(value, fallback):
+            return fallback if value is None else value
+
+        betas = (own(self.critic_adam_beta1, train.adam_beta1), own(self.critic_adam_beta2, train.adam_beta2))
+        return {"lr": own(self.critic_lr, train.lr * self.critic_lr_ratio), "betas": betas,
+                "eps": own(self.critic_adam_eps, train.adam_eps)}
 
     def problems(self, recipe) -> Problems:  # recipe: schema.Recipe
         if recipe.stage != "ppo":
@@ -78,6 +103,7 @@ class PPOSection:
             yield "ppo.ptx_coef", "needs SFT data for the ptx loss: set `ppo.ptx_data`"
         if self.ema_decay is not None and self.ema_decay >= 1:
             yield "ppo.ema_decay", f"must be below 1, got {self.ema_decay}"
+        yield from self._ppo_max_problems()
 
     def _critic_free_problems(self) -> Problems:
         no_critic = f"ppo.advantage {self.advantage} trains no critic"
@@ -89,6 +115,21 @@ class PPOSection:
                    "base would hold nothing: use 1base-1lora")
         if self.critic_warmup_steps:
             yield "ppo.critic_warmup_steps", f"{no_critic} to warm up: set it to 0"
+
+    def _ppo_max_problems(self) -> Problems:
+        """The critic's own optimizer settings need a critic with weights of its own."""
+        for key in ("critic_adam_beta1", "critic_adam_beta2"):
+            if (getattr(self, key) or 0) >= 1:
+                yield f"ppo.{key}", f"must be below 1, got {getattr(self, key)}"
+        own = [k for k in ("critic_lr", "critic_adam_beta1", "critic_adam_beta2", "critic_adam_eps")
+               if getattr(self, k) is not None]
+        if not own:
+            return
+        if not self.estimator.needs_critic:
+            yield f"ppo.{own[0]}", f"ppo.advantage {self.advantage} trains no critic: leave it unset"
+        elif self.arrangement == "1base-1lora":
+            yield (f"ppo.{own[0]}", "1base-1lora's critic trains the actor's adapter (one optimizer "
+                   "group, train.lr): use 1base-2lora, 2base-2lora or separate, or leave it unset")
 
     def _micro_batch_problems(self) -> Problems:
         """Every optimizer step must accumulate the same number of micro-batches (DeepSpeed counts

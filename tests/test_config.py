@@ -151,8 +151,9 @@ def test_every_choice_beside_a_field_is_checked(tmp_path, key, names):
 def test_the_schema_describes_its_keys():
     """The keys an earlier CHOICES/BOUNDS table listed, still described beside their fields."""
     # 11 choices in the old table, + model.quantization, + rft.select; rft adds 8 bounds,
-    # online DPO 3 (samples_per_prompt, max_new_tokens, temperature)
-    assert len(BOUNDED) == 37 + 8 + 3 and len(CHOSEN) == 12 + 1
+    # online DPO 3 (samples_per_prompt, max_new_tokens, temperature), PPO-max 7
+    # (ppo.advantage_clip, entropy_coef, dual_clip, critic_lr, critic_adam_*)
+    assert len(BOUNDED) == 37 + 8 + 3 + 7 and len(CHOSEN) == 12 + 1
     assert dict(CHOSEN)["ppo.advantage"] == ("gae", "grpo", "rloo", "reinforce_pp")
     assert dict(CHOSEN)["model.quantization"] == ("4bit", "8bit")
     paths = sorted(key for key, spec in described_keys() if spec.metadata.get("names") == "path")

@@ -178,9 +178,12 @@ class DeepSpeedBackend(Backend):
         if "optimizer" in self.config:
             # DeepSpeed builds the optimizer from the config; keep the loop's param
             # groups: their weight decay (none on biases and norms) and their own learning
-            # rates (PPO's critic group runs at ppo.critic_lr_ratio times the actor's).
-            groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": g["lr"]}
-                      for g in optimizer.param_groups]
+            # rates (PPO's critic group runs at ppo.critic_lr_ratio times the actor's), and a
+            # group's own Adam betas/eps where it has them (PPO-max's critic); the others
+            # take the config's.
+            own = {k: v for k, v in optimizer.defaults.items() if k in ("betas", "eps")}
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": g["lr"],
+                       **{k: g[k] for k in own if g[k] != own[k]}} for g in optimizer.param_groups]
             self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
                                                    config=self.config)
         else:

@@ -65,6 +65,7 @@ class Arrangement(torch.nn.Module):
     # rate, with the value loss weighed against the policy loss by ppo.vf_coef.
     shares_weights = False
     vf_coef = 1.0
+    entropy_grad = False  # the update's entropy takes a gradient (ppo.entropy_coef > 0)
 
     @property
     def has_critic(self) -> bool:
@@ -77,6 +78,7 @@ class Arrangement(torch.nn.Module):
         pace is set by ppo.critic_lr_ratio instead)."""
         self.temperature = ppo.temperature
         self.vf_coef = ppo.vf_coef if self.shares_weights else 1.0
+        self.entropy_grad = ppo.entropy_coef > 0
 
     def actor_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The policy's trainable weights (its LoRA adapter), by name in the arrangement."""
@@ -119,7 +121,7 @@ class Arrangement(torch.nn.Module):
         """
         states = response_states(hidden_states(self.actor, input_ids, attention_mask), prompt_width)
         logp, entropy = token_logprobs_and_entropy(self.actor, states, tokens, self.temperature,
-                                                   with_entropy)
+                                                   with_entropy, self.entropy_grad)
         values = self.values(input_ids, attention_mask, prompt_width, states) if self.has_critic else None
         if ptx is None:
             return logp, values, entropy

@@ -27,9 +27,12 @@ def response_states(hidden: torch.Tensor, prompt_width: int) -> torch.Tensor:
     return hidden[:, prompt_width - 1:-1]
 
 
-def token_logprobs_and_entropy(model, states, tokens, temperature: float, with_entropy: bool):
+def token_logprobs_and_entropy(model, states, tokens, temperature: float, with_entropy: bool,
+                               entropy_grad: bool = False):
     """log π(token) [B, R] (and entropy [B, R], a statistic) from the states that predict `tokens`,
     equal to log_softmax(model(...).logits / T): the head, then the family's logit transform.
+    With `entropy_grad` (PPO-max's entropy bonus) the entropy takes a gradient too, through
+    autograd's path: the [B, R, V] logits are then held.
 
     A frozen head (LoRA) goes chunk by chunk and never holds the [B, R, V] logits
     (models/lm_forward.py); a trainable or ZeRO-3-partitioned head takes autograd's path.
@@ -38,14 +41,14 @@ def token_logprobs_and_entropy(model, states, tokens, temperature: float, with_e
     """
     transform = require_head(model, STAGE).transform
     head = inner_causal_lm(model).get_output_embeddings()
-    if frozen_head(head):
+    if frozen_head(head) and not (with_entropy and entropy_grad):
         logp, entropy = frozen_head_logprobs(states.flatten(0, 1), head, tokens.flatten(), temperature,
                                              with_entropy, transform)
         return logp.view(tokens.shape), (entropy.view(tokens.shape) if with_entropy else None)
     logits = transform(head(states)) / temperature
     logp = -F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
     logp = logp.view(tokens.shape)
-    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
+    entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if with_entropy else None
     return logp, entropy
 
 

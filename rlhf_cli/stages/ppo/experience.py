@@ -46,12 +46,15 @@ class Experience:
 
 
 def shape_scores(raw: torch.Tensor, ended: torch.Tensor, ppo: PPOSection,
-                 stats: dict | None) -> torch.Tensor:
-    """Normalise with the RM's stored mean/std, penalise missing EOS, clip to ±reward_clip."""
+                 stats: dict | None, running=None) -> torch.Tensor:
+    """Normalise with the RM's stored mean/std, penalise missing EOS, centre/scale by the running
+    moments (`running`: reward_scaling.RunningRewards, PPO-max), clip to ±reward_clip."""
     scores = raw.clone()
     if ppo.normalize_reward and stats:
         scores = (scores - stats["mean"]) / max(stats["std"], 1e-6)
     scores = scores + (~ended).float() * ppo.no_eos_penalty
+    if running is not None:
+        scores = running(scores)
     return scores.clamp(-ppo.reward_clip, ppo.reward_clip)
 
 
@@ -76,8 +79,9 @@ def summed_over_processes(backend):
 
 
 def make_experience(arrangement, rollout: Rollout, raw_scores: torch.Tensor, ppo: PPOSection,
-                    reward_stats: dict | None) -> Experience:
-    """The rollout, its old/reference log-probs and values, KL and shaped rewards (no advantages yet)."""
+                    reward_stats: dict | None, running=None) -> Experience:
+    """The rollout, its old/reference log-probs and values, KL and shaped rewards (no advantages
+    yet); `running`: see `shape_scores`."""
     old_logp, ref_logp, values = old_policy_outputs(arrangement, rollout)
     mask = rollout.response_mask
     if values is not None:
@@ -86,7 +90,7 @@ def make_experience(arrangement, rollout: Rollout, raw_scores: torch.Tensor, ppo
         input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, tokens=rollout.tokens,
         response_mask=mask, prompt_width=rollout.prompt_width, old_logprobs=old_logp,
         ref_logprobs=ref_logp, old_values=values, kl=kl_estimate(old_logp, ref_logp, ppo.kl_estimator) * mask,
-        rewards=shape_scores(raw_scores, rollout.ended.to(raw_scores.device), ppo, reward_stats),
+        rewards=shape_scores(raw_scores, rollout.ended.to(raw_scores.device), ppo, reward_stats, running),
         kl_per_response=(kl_k1(old_logp, ref_logp) * mask).sum(dim=1))
 
 
@@ -96,6 +100,8 @@ def with_advantages(experience: Experience, ppo: PPOSection, kl_coef: float, bac
         ppo.advantage, experience.rewards, experience.kl, experience.response_mask, kl_coef,
         values=experience.old_values, gamma=ppo.gamma, lam=ppo.lam, group_size=ppo.samples_per_prompt,
         reduce=summed_over_processes(backend))
+    if ppo.advantage_clip is not None:  # PPO-max: |A| <= c after whitening (0 off the mask stays 0)
+        advantages = advantages.clamp(-ppo.advantage_clip, ppo.advantage_clip)
     return dataclasses.replace(experience, advantages=advantages, returns=returns)
 
 

@@ -1,4 +1,5 @@
-"""The PPO optimizer: one AdamW with an actor group and, with a critic, a critic group."""
+"""The PPO optimizer: one AdamW with an actor group and, with a critic, a critic group (its own
+learning rate, and with PPO-max's keys its own Adam betas and eps)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def ppo_optimizer(arrangement, recipe: Recipe) -> torch.optim.AdamW:
         actor, critic = {**actor, **critic}, {}
     groups = [{"params": list(actor.values()), "lr": train.lr}]
     if critic:
-        groups.append({"params": list(critic.values()), "lr": train.lr * recipe.ppo.critic_lr_ratio})
+        groups.append({"params": list(critic.values()), **recipe.ppo.critic_optimizer(train)})
     return torch.optim.AdamW(groups, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
                              weight_decay=train.weight_decay)
 

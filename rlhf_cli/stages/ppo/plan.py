@@ -45,4 +45,28 @@ def ppo_plan(recipe: Recipe) -> list[str]:
                      "last online weights")
     else:
         lines.append("actor EMA: off (ppo.ema_decay unset)")
+    tricks = _ppo_max_tricks(recipe)
+    if tricks:
+        lines.append("PPO-max: " + "; ".join(tricks))
     return lines
+
+
+def _ppo_max_tricks(recipe: Recipe) -> list[str]:
+    """The PPO-max keys this recipe turns on, in words (none: the line is left out)."""
+    ppo, tricks = recipe.ppo, []
+    if ppo.reward_scaling or ppo.reward_centering:
+        done = [w for w, on in (("minus the running mean", ppo.reward_centering),
+                                ("over the running std", ppo.reward_scaling)) if on]
+        tricks.append(f"scores {' and '.join(done)} of every score so far, "
+                      f"then clipped to +-{ppo.reward_clip}")
+    if ppo.advantage_clip is not None:
+        tricks.append(f"advantages clipped to +-{ppo.advantage_clip}")
+    if ppo.entropy_coef:
+        tricks.append(f"entropy bonus {ppo.entropy_coef}")
+    if ppo.dual_clip is not None:
+        tricks.append(f"dual clip {ppo.dual_clip}")
+    if any(getattr(ppo, k) is not None for k in ("critic_lr", "critic_adam_beta1", "critic_adam_beta2",
+                                                  "critic_adam_eps")):
+        settings = ppo.critic_optimizer(recipe.train)
+        tricks.append(f"critic lr {settings['lr']:g}, betas {settings['betas']}, eps {settings['eps']:g}")
+    return tricks

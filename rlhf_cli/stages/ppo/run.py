@@ -5,8 +5,9 @@
 The arrangement (roles.py) decides where actor, critic, reference and reward live; the
 engine's runner (engine/runner.py) runs the iterations: Ctrl-C, NaN/inf policy, eval/save
 cadence, checkpoints and `--resume` (model, optimizer, schedule, RNG, KL coefficient,
-skipped-update count and actor EMA; prompts and ptx batches are functions of the iteration
-and update numbers). Timings, memory and global means live in bookkeeping.py.
+skipped-update count, actor EMA, PPO-max's running reward moments; prompts and ptx batches
+are functions of the iteration and update numbers). Timings, memory and global means live
+in bookkeeping.py.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .experience import make_experience, with_advantages
 from .guard import check_kl, check_scores, diverged
 from .optim import ppo_optimizer
 from .ptx import PtxBatches
+from .reward_scaling import RunningRewards
 from .saving import save_ppo_final
 from .setup import kl_controller, reward_stats
 from .update import PPOUpdate, updates_per_iteration
@@ -66,6 +68,8 @@ class PPO:
         per_iteration = updates_per_iteration(self.ppo)
         self.scheduler = build_scheduler(backend.optimizer, self.train, self.iterations * per_iteration)
         self.kl = kl_controller(self.ppo)
+        self.running_rewards = (RunningRewards(self.ppo, backend)
+                                if self.ppo.reward_scaling or self.ppo.reward_centering else None)
         self.bad_steps = BadSteps(self.train.max_bad_steps, backend.can_skip_steps, diverged)
         self.update = PPOUpdate(self.wrapped, self.ppo, backend, self.scheduler,
                                 vf_coef=self.model.vf_coef,
@@ -86,7 +90,8 @@ class PPO:
                               "scores are used as they are")
 
     def parts(self) -> StageParts:
-        state = {"kl": self.kl, **({"ema": self.ema} if self.ema is not None else {})}
+        state = {"kl": self.kl, **({"ema": self.ema} if self.ema is not None else {}),
+                 **({"running_rewards": self.running_rewards} if self.running_rewards is not None else {})}
         return StageParts(
             title="ppo", unit="iteration", total_steps=self.iterations, scheduler=self.scheduler,
             step=self.iteration, evaluate=self.evaluate, bad_steps=self.bad_steps,
@@ -101,7 +106,8 @@ class PPO:
         with phases("score"):
             scores, responses = self.score(rollout, index)
         with phases("train"):
-            experience = make_experience(self.model, rollout, scores, self.ppo, self.reward_stats)
+            experience = make_experience(self.model, rollout, scores, self.ppo, self.reward_stats,
+                                         self.running_rewards)
             means = rollout_means(rollout, scores, experience, self.ppo, self.backend)
             check_kl(means["kl"], index + 1)  # before training on a rollout from a policy that has gone
             experience = with_advantages(experience, self.ppo, self.kl.value, self.backend)
@@ -130,6 +136,8 @@ class PPO:
         row = {"step": step, "score": means["score"], "kl": means["kl"], "kl_coef": self.kl.value,
                "response_length": means["response_length"], "no_eos_share": means["no_eos_share"], **stats,
                "lr": self.scheduler.get_last_lr()[0], **seconds, **memory_metrics()}
+        if self.running_rewards is not None:
+            row.update(self.running_rewards.stats())
         if "frac_reward_zero_std" in means:
             row["frac_reward_zero_std"] = means["frac_reward_zero_std"]
         if self.bad_steps.total:

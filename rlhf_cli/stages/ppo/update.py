@@ -30,13 +30,17 @@ def minibatch_loss(wrapped, rows: Experience, ppo: PPOSection, vf_coef: float, t
     outputs = wrapped(rows.input_ids, rows.attention_mask, rows.prompt_width, rows.tokens, ptx=ptx)
     logp, values, entropy = outputs[:3]
     mask = rows.response_mask
-    pg, pg_stats = policy_loss(logp, rows.old_logprobs, rows.advantages, mask, ppo.clip_range)
+    pg, pg_stats = policy_loss(logp, rows.old_logprobs, rows.advantages, mask, ppo.clip_range,
+                               dual_clip=ppo.dual_clip)
+    mean_entropy = masked_mean(entropy, mask)
     # During critic warm-up the actor term is kept at weight 0 so that every trainable
     # parameter stays in the graph (DDP expects that) while only the critic learns.
-    rl_loss = (1.0 if train_actor else 0.0) * pg
+    rl_loss = (1.0 if train_actor else 0.0) * _actor_loss(pg, mean_entropy, ppo)
     stats = {"policy_loss": float(pg.detach()),
-             "entropy": float(masked_mean(entropy.detach(), mask)),
+             "entropy": float(mean_entropy.detach()),
              "clip_frac": float(pg_stats["clip_frac"]), "approx_kl": float(pg_stats["approx_kl"])}
+    if ppo.dual_clip is not None:
+        stats["dual_clip_frac"] = float(pg_stats["dual_clip_frac"])
     if values is not None:
         vf, vf_stats = value_loss(values, rows.old_values, rows.returns, mask, ppo.clip_range_value)
         rl_loss = rl_loss + vf_coef * vf
@@ -46,6 +50,12 @@ def minibatch_loss(wrapped, rows: Experience, ppo: PPOSection, vf_coef: float, t
         loss = loss + ptx_share * ppo.ptx_coef * outputs[3]
         stats["ptx_loss"] = float(outputs[3].detach())
     return loss, stats
+
+
+def _actor_loss(pg: torch.Tensor, mean_entropy: torch.Tensor, ppo: PPOSection) -> torch.Tensor:
+    """The policy loss, minus PPO-max's entropy bonus ppo.entropy_coef x the token-mean entropy
+    (minimising the loss raises the entropy; the arrangement then gives entropy a gradient)."""
+    return pg - ppo.entropy_coef * mean_entropy if ppo.entropy_coef else pg
 
 
 def _global_tokens(mask: torch.Tensor, backend) -> torch.Tensor:
@@ -183,6 +193,8 @@ class PPOUpdate:
         means["loss"] = ((1.0 if train_actor else 0.0) * means["policy_loss"]
                          + self.vf_coef * means.get("value_loss", 0.0)
                          + ppo.ptx_coef * means.get("ptx_loss", 0.0))
+        if ppo.entropy_coef and train_actor:  # PPO-max's entropy bonus
+            means["loss"] -= ppo.entropy_coef * means["entropy"]
         means["grad_norm"] = grad_norm / count
         if experience.old_values is not None:
             means["explained_variance"] = float(explained_variance(
