@@ -58,6 +58,11 @@ def test_the_shipped_recipes_load():
     assert (dapo.overlong, dapo.overlong_buffer) == ("penalty", 3)
     dr = load_recipe(REPO / "recipes" / "tiny-dr-grpo.yaml", []).ppo
     assert (dr.scale_rewards, dr.loss_aggregation) == ("none", "seq-mean-token-sum-norm")
+    from rlhf_cli.stages.ppo.plan import rlvr_plan
+
+    assert rlvr_plan(dr) == ["DAPO / Dr. GRPO: loss seq-mean-token-sum-norm; group advantages scaled by: none; "
+                             "no reference forward (kl_coef 0)"]
+    assert rlvr_plan(load_recipe(GRPO, []).ppo) == []
 
 
 # ------------------------------------------------------------------------ dynamic sampling

@@ -45,4 +45,23 @@ def ppo_plan(recipe: Recipe) -> list[str]:
                      "last online weights")
     else:
         lines.append("actor EMA: off (ppo.ema_decay unset)")
-    return lines
+    return lines + rlvr_plan(ppo)
+
+
+def rlvr_plan(ppo) -> list[str]:
+    """The DAPO / Dr. GRPO keys, in one line, when any is on."""
+    on = []
+    if (ppo.clip_low, ppo.clip_high) != (ppo.clip_range, ppo.clip_range):
+        on.append(f"ratio clipped to [1 - {ppo.clip_low}, 1 + {ppo.clip_high}]")
+    if ppo.loss_aggregation != "token-mean":
+        on.append(f"loss {ppo.loss_aggregation}")
+    if ppo.scale_rewards != "auto":
+        on.append(f"group advantages scaled by: {ppo.scale_rewards}")
+    if ppo.dynamic_sampling:
+        on.append(f"dynamic sampling (at most {ppo.max_sampling_rounds} rounds)")
+    if ppo.overlong != "none":
+        buffer = f" (buffer {ppo.overlong_buffer})" if ppo.overlong_buffer else ""
+        on.append(f"overlong: {ppo.overlong}{buffer}")
+    if ppo.kl_coef == 0:
+        on.append("no reference forward (kl_coef 0)")
+    return [f"DAPO / Dr. GRPO: {'; '.join(on)}"] if on else []
