@@ -60,8 +60,8 @@ def test_the_shipped_recipes_load():
     assert (dr.scale_rewards, dr.loss_aggregation) == ("none", "seq-mean-token-sum-norm")
     from rlhf_cli.stages.ppo.plan import rlvr_plan
 
-    assert rlvr_plan(dr) == ["DAPO / Dr. GRPO: loss seq-mean-token-sum-norm; group advantages scaled by: none; "
-                             "no reference forward (kl_coef 0)"]
+    assert rlvr_plan(dr) == ["DAPO / Dr. GRPO: loss seq-mean-token-sum-norm; group advantages scaled "
+                             "by: none; no reference forward (kl_coef 0)"]
     assert rlvr_plan(load_recipe(GRPO, []).ppo) == []
 
 
