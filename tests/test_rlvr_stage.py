@@ -248,3 +248,23 @@ def test_micro_batches_accumulate_to_the_same_update_under_each_aggregation(rlhf
     for name, tensor in whole.items():
         torch.testing.assert_close(micro_weights[name], tensor, rtol=1e-4, atol=1e-6)
     assert results["token-mean", None][0]["value_loss"] != pytest.approx(whole_stats["value_loss"], rel=1e-3)
+
+
+def test_separate_loads_no_reference_copy_with_kl_coef_zero(rlhf_home):
+    from ppo_helpers import ppo_recipe
+
+    from rlhf_cli.models.arrangement_build import build_arrangement
+    from rlhf_cli.models.policy import tokenizer_for
+
+    sizes, reference = {}, 0
+    for kl in (0.05, 0.0):
+        recipe = ppo_recipe("separate", None, "ppo.advantage=grpo", "ppo.samples_per_prompt=2",
+                            f"ppo.kl_coef={kl}")
+        arrangement = build_arrangement(recipe, tokenizer_for(recipe))
+        sizes[kl] = sum(p.numel() for p in arrangement.parameters())
+        if kl:
+            reference = sum(p.numel() for p in arrangement.reference.parameters())
+    assert arrangement.reference is None and reference > 0
+    assert sizes[0.0] == sizes[0.05] - reference  # the actor alone: no reference copy
+    with pytest.raises(RuntimeError, match="without a reference"):
+        arrangement.reference_logprobs(None, None, 0, None)

@@ -5,7 +5,7 @@
                = -1                         if |y| > L_max
 
 with L_max = ppo.max_new_tokens and L_cache = ppo.overlong_buffer (DAPO, arXiv 2503.14476,
-eq. 13: 4096 of 20480 there). The length |y| counts the response's tokens, EOS included.
+"Overlong Reward Shaping": 4096 of 20480 there). |y| counts the response's tokens, EOS included.
 """
 
 from __future__ import annotations
