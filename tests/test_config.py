@@ -150,7 +150,9 @@ def test_every_choice_beside_a_field_is_checked(tmp_path, key, names):
 
 def test_the_schema_describes_its_keys():
     """The keys an earlier CHOICES/BOUNDS table listed, still described beside their fields."""
-    assert len(BOUNDED) == 37 and len(CHOSEN) == 12  # 11 in the old table, + model.quantization
+    assert len(BOUNDED) == 37 + 4 and len(CHOSEN) == 12 + 3  # 11 in the old table, + model.quantization
+    # + DAPO / Dr. GRPO: bounded clip_range_low/high, max_sampling_rounds, overlong_buffer;
+    # chosen loss_aggregation, scale_rewards, overlong
     assert dict(CHOSEN)["ppo.advantage"] == ("gae", "grpo", "rloo", "reinforce_pp")
     assert dict(CHOSEN)["model.quantization"] == ("4bit", "8bit")
     paths = sorted(key for key, spec in described_keys() if spec.metadata.get("names") == "path")
