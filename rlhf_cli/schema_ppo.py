@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .algorithms.catalog import ADVANTAGE_ESTIMATORS, KL_ESTIMATOR_NAMES, Estimator
+from .algorithms.catalog import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATOR_NAMES,
+    LOSS_AGGREGATION_NAMES,
+    OVERLONG_HANDLINGS,
+    REWARD_SCALINGS,
+    Estimator,
+)
 from .schema_fields import Problems, above, at_least, choice, function_ref, local_path
 
 PPO_ARRANGEMENTS = ("separate", "2base-2lora", "1base-2lora", "1base-1lora")
@@ -68,6 +75,34 @@ class PPOSection:
     critic_adam_beta1: float | None = at_least(None, 0)  # and below 1
     critic_adam_beta2: float | None = at_least(None, 0)  # and below 1
     critic_adam_eps: float | None = above(None, 0)
+    # DAPO / Dr. GRPO (RL with verifiable rewards); the defaults change nothing.
+    # Clip-higher: the ratio is clipped to [1 - low, 1 + high]; each defaults to ppo.clip_range
+    # (DAPO: 0.2 / 0.28).
+    clip_range_low: float | None = above(None, 0)
+    clip_range_high: float | None = above(None, 0)
+    # How per-token losses become a minibatch's loss (algorithms/aggregation.py).
+    loss_aggregation: str = choice("token-mean", LOSS_AGGREGATION_NAMES)
+    # grpo/rloo: divide the group-relative advantage by the group's std, the batch's, or not
+    # at all (Dr. GRPO: none); auto: grpo group, rloo none.
+    scale_rewards: str = choice("auto", REWARD_SCALINGS)
+    # DAPO's dynamic sampling: drop the groups whose samples all scored the same and sample
+    # more prompts until every process has ppo.rollout_batch_size groups, at most
+    # max_sampling_rounds generate calls an iteration (then the batch is filled with dropped groups).
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = at_least(3, 1)
+    # Responses cut at ppo.max_new_tokens (no EOS): `mask` gives them zero loss weight; `penalty`
+    # adds DAPO's soft length penalty to every score (0 up to max_new_tokens - overlong_buffer
+    # tokens, then linear down to -1 at max_new_tokens).
+    overlong: str = choice("none", OVERLONG_HANDLINGS)
+    overlong_buffer: int | None = at_least(None, 1)
+
+    @property
+    def clip_low(self) -> float:
+        return self.clip_range if self.clip_range_low is None else self.clip_range_low
+
+    @property
+    def clip_high(self) -> float:
+        return self.clip_range if self.clip_range_high is None else self.clip_range_high
 
     @property
     def estimator(self) -> Estimator:
@@ -104,6 +139,26 @@ class PPOSection:
         if self.ema_decay is not None and self.ema_decay >= 1:
             yield "ppo.ema_decay", f"must be below 1, got {self.ema_decay}"
         yield from self._ppo_max_problems()
+        yield from self._rlvr_problems()
+
+    def _rlvr_problems(self) -> Problems:
+        """DAPO / Dr. GRPO keys that contradict each other or the estimator."""
+        if self.clip_high < self.clip_low:
+            yield ("ppo.clip_range_high", f"{self.clip_high} is below the low clip range {self.clip_low} "
+                   "(ppo.clip_range_low, default ppo.clip_range): clip-higher needs high >= low")
+        if self.dynamic_sampling and self.samples_per_prompt < 2:
+            yield ("ppo.dynamic_sampling", "drops the prompts whose samples all scored the same, which "
+                   "needs a group: set ppo.samples_per_prompt to 2 or more")
+        if self.scale_rewards != "auto" and not self.estimator.group_relative:
+            yield ("ppo.scale_rewards", f"scales group-relative advantages (grpo, rloo), not "
+                   f"{self.advantage}'s: leave it at auto")
+        if self.overlong == "penalty" and self.overlong_buffer is None:
+            yield "ppo.overlong", "penalty needs the length of its buffer: set ppo.overlong_buffer"
+        if self.overlong_buffer is not None and self.overlong != "penalty":
+            yield "ppo.overlong_buffer", "is the soft length penalty's: set ppo.overlong to penalty"
+        if self.overlong_buffer is not None and self.overlong_buffer > self.max_new_tokens:
+            yield ("ppo.overlong_buffer", f"{self.overlong_buffer} is longer than the responses "
+                   f"(ppo.max_new_tokens {self.max_new_tokens})")
 
     def _critic_free_problems(self) -> Problems:
         no_critic = f"ppo.advantage {self.advantage} trains no critic"

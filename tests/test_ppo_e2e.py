@@ -228,3 +228,28 @@ def test_the_grpo_recipe_runs_as_it_is(work):
     assert all(0 <= row["frac_reward_zero_std"] <= 1 for row in train)
     final = work / "grpo-recipe" / "final"  # (on the random base the policy has little to learn)
     assert (final / "adapter_model.safetensors").is_file() and not (final / "value_head.safetensors").exists()
+
+
+# ------------------------------------------------------------------ DAPO / Dr. GRPO (issue 13)
+RLVR_ITERATIONS = 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-dapo", "tiny-dr-grpo"])
+def test_the_recipes_raise_the_greedy_score_of_the_sft_model(name, work, sft_base):
+    """30 iterations of each recipe from the 30-step SFT model raise the greedy held-out
+    score by more than 0.05: tiny-dapo 0.453 -> 0.584 (seed 42), 0.567 (seed 1); tiny-dr-grpo
+    0.453 -> 0.584 (seed 42), 0.586 (seed 1); 1-3 min each on 2 shared cores."""
+    out = f"rlvr-{name}"
+    proc = rlhf("ppo", "--recipe", str(REPO / "recipes" / f"{name}.yaml"), "-o", out,
+                "--set", f"model.base={sft_base}", "--set", f"train.max_steps={RLVR_ITERATIONS}",
+                "--set", "train.eval_every=null", "--set", "train.save_every=null",
+                "--set", "train.log_every=1", cwd=work, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_jsonl(work / out / "metrics.jsonl")
+    evals = {r["step"]: r["score"] for r in rows if r.get("split") == "eval"}
+    assert evals[RLVR_ITERATIONS] > evals[0] + 0.05, evals
+    train = [r for r in rows if r.get("split") != "eval"]
+    assert all(r["kl"] == 0 for r in train)  # kl_coef 0: no reference forward
+    if name == "tiny-dapo":
+        assert all(16 <= r["prompts_drawn"] <= 48 and r["groups_kept"] <= 16 for r in train)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf_cli.algorithms.masked import Moments, masked_whiten
+from rlhf_cli.algorithms.masked import Moments, masked_moments, masked_whiten, mean_var_from_moments
 
 
 def _groups(scores: Tensor, group_size: int) -> Tensor:
@@ -51,6 +51,47 @@ def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
 # The group-relative `ppo.advantage` estimators -> the baseline each puts in place of the score;
 # the catalog's `group_relative` estimators are exactly these (tests/test_algorithms_registries.py).
 GROUP_BASELINES = {"grpo": grpo_advantages, "rloo": rloo_advantages}
+
+
+# DAPO / Dr. GRPO ------------------------------------------------------------------------------
+# `ppo.scale_rewards: auto`: what each group-relative estimator divides by when not told.
+AUTO_SCALING = {"grpo": "group", "rloo": "none"}
+
+
+def batch_std(scores: Tensor, reduce=None) -> Tensor:
+    """Unbiased std of the scores [N] of the whole batch; ``reduce`` sums the moments over
+    processes (as for whitening), so every process divides by the std of all of them."""
+    moments = masked_moments(scores, torch.ones_like(scores))
+    return mean_var_from_moments(reduce(moments) if reduce else moments)[1].sqrt().float()
+
+
+def group_advantages(kind: str, scores: Tensor, group_size: int, scale: str = "auto",
+                     reduce=None, eps: float = 1e-6) -> Tensor:
+    """A group-relative estimator's advantages [N*G] (`ppo.scale_rewards`): the score minus its
+    group's baseline (grpo: the group mean; rloo: the mean of the others), divided by the
+    group's std (``group``), the batch's std (``batch``, trl's scale_rewards="batch") or
+    nothing (``none``, Dr. GRPO); ``auto`` is the estimator's own (AUTO_SCALING). eps = 1e-6.
+    """
+    scale = AUTO_SCALING[kind] if scale == "auto" else scale
+    if kind == "grpo":  # the same operations, in the same order, as grpo_advantages
+        centred = grpo_advantages(scores, group_size, eps, scale_by_std=False)
+    else:
+        centred = GROUP_BASELINES[kind](scores, group_size)
+    if scale == "group":
+        std = _groups(scores, group_size).std(dim=1, keepdim=True).expand(-1, group_size).reshape(-1)
+        return centred / (std + eps)
+    if scale == "batch":
+        return centred / (batch_std(scores, reduce) + eps)
+    if scale != "none":
+        raise ValueError(f"unknown reward scaling {scale!r}")
+    return centred
+
+
+def informative_groups(scores: Tensor, group_size: int) -> Tensor:
+    """Bool [N]: the groups of ``group_size`` consecutive scores that are not all equal (DAPO's
+    dynamic sampling keeps only these: an all-equal group has advantage 0, no signal)."""
+    groups = _groups(scores, group_size)
+    return groups.max(dim=1).values != groups.min(dim=1).values
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:

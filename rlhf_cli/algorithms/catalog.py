@@ -37,3 +37,16 @@ ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {
     "rloo": Estimator("each score minus the mean of its prompt's other samples", group_relative=True),
     "reinforce_pp": Estimator("REINFORCE++: discounted returns, whitened over the batch"),
 }
+
+# DAPO / Dr. GRPO. `ppo.loss_aggregation`: how a minibatch's per-token losses become one loss
+# (aggregation.py AGGREGATIONS): the mean over all its tokens (PPO, GRPO as trl ships it), the
+# mean over responses of each response's token mean (GRPO's paper), or the mean over responses
+# of each response's token sum over the constant ppo.max_new_tokens (Dr. GRPO: no length bias).
+LOSS_AGGREGATION_NAMES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# `ppo.scale_rewards`: what a group-relative advantage (score minus its group's baseline) is
+# divided by: the group's std, the whole batch's std, nothing (Dr. GRPO); `auto`: each
+# estimator's own (grpo: group, rloo: none). advantages.py REWARD_SCALING.
+REWARD_SCALINGS = ("auto", "group", "batch", "none")
+# `ppo.overlong`: what a response cut at ppo.max_new_tokens (no EOS) gets: nothing special, zero
+# loss weight (DAPO's overlong filtering), or DAPO's soft length penalty (`ppo.overlong_buffer`).
+OVERLONG_HANDLINGS = ("none", "mask", "penalty")

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from rlhf_cli.algorithms.advantages import (
-    GROUP_BASELINES,
     discounted_returns,
+    group_advantages,
     grpo_advantages,
     reinforce_pp_advantages,
     rloo_advantages,
@@ -117,6 +117,7 @@ def estimate_advantages(
     lam: float = 0.95,
     group_size: int = 1,
     reduce: Callable[[Moments], Moments] | None = None,
+    scale_rewards: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Advantages [B, T] and returns [B, T] of one rollout batch, by estimator ``kind``.
 
@@ -128,6 +129,8 @@ def estimate_advantages(
       consecutive groups of ``group_size`` rows (the samples of one prompt), then
       A_t = G_t; not whitened (the group baseline already centres it). With β = 0 and γ = 1
       every token of sample i carries exactly the sequence advantage A_i.
+    ``scale_rewards``: what the group-relative score is divided by (advantages.py
+    ``group_advantages``; ``auto``: grpo by its group's std, rloo by nothing).
     returns: GAE's A + V (the critic's target) or G_t. ``reduce`` sums the whitening moments
     ``(Σ m x, Σ m x², Σ m)`` over processes (identity for one process). Shapes: scores [B];
     kl, mask [B, T].
@@ -135,8 +138,8 @@ def estimate_advantages(
     if kind not in ADVANTAGE_ESTIMATORS:
         names = tuple(ADVANTAGE_ESTIMATORS)
         raise ValueError(f"unknown advantage estimator {kind!r}; expected one of {names}")
-    if kind in GROUP_BASELINES:
-        scores = GROUP_BASELINES[kind](scores, group_size)
+    if ADVANTAGE_ESTIMATORS[kind].group_relative:
+        scores = group_advantages(kind, scores, group_size, scale_rewards, reduce)
     rewards = token_rewards(scores, kl, mask, kl_coef)
     if kind == "gae":
         if values is None:
@@ -157,11 +160,16 @@ def policy_loss(
     mask: Tensor,
     clip_range: float = 0.2,
     dual_clip: float | None = None,
+    clip_range_high: float | None = None,
+    aggregate: Callable[[Tensor, Tensor], Tensor] = masked_mean,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate, token-mean over the mask. Returns ``(loss scalar, stats)``.
 
     ratio = exp(clamp(logπ − logπ_old, −20, 20));  L = max(−A·ratio, −A·clip(ratio, 1−ε, 1+ε)).
     Dual clip (``dual_clip`` = c > 1): where A < 0, L = min(L, −c·A).
+    DAPO's clip-higher: ``clip_range_high`` ε_high (default ε) bounds the ratio at 1 + ε_high,
+    ``clip_range`` at 1 − ε. ``aggregate(losses, mask)``: how the per-token losses become the
+    loss (algorithms/aggregation.py; default the token-mean).
     Shapes: logp, old_logp, advantages, mask [B, T]. stats (detached scalars):
     ``clip_frac`` share of tokens where the clipped term was the larger one (clipping active),
     ``dual_clip_frac`` share where the dual clip bound applied (0 without it),
@@ -172,7 +180,8 @@ def policy_loss(
     log_ratio = (logp - old_logp).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    high = clip_range if clip_range_high is None else clip_range_high
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + high)
     losses = torch.maximum(unclipped, clipped)
     dual_active = torch.zeros_like(losses, dtype=torch.bool)
     if dual_clip is not None:
@@ -186,7 +195,7 @@ def policy_loss(
             "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
-    return masked_mean(losses, mask), stats
+    return aggregate(losses, mask), stats
 
 
 def value_loss(
@@ -195,12 +204,13 @@ def value_loss(
     returns: Tensor,
     mask: Tensor,
     clip_range_value: float | None = 0.2,
+    aggregate: Callable[[Tensor, Tensor], Tensor] = masked_mean,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss 0.5·max((V − R)², (clip(V, V_old − ε, V_old + ε) − R)²), token-mean over mask.
 
     Shapes: values, old_values, returns, mask [B, T]. ``clip_range_value=None`` gives the
-    plain 0.5·(V − R)². stats: ``vf_clip_frac`` = share of tokens where the clipped term was
-    the larger one.
+    plain 0.5·(V − R)². ``aggregate`` as in :func:`policy_loss`. stats: ``vf_clip_frac`` =
+    share of tokens where the clipped term was the larger one.
     """
     unclipped = (values - returns) ** 2
     if clip_range_value is None:
@@ -211,7 +221,7 @@ def value_loss(
     losses = 0.5 * torch.maximum(unclipped, clipped)
     with torch.no_grad():
         stats = {"vf_clip_frac": masked_mean((clipped > unclipped).float(), mask)}
-    return masked_mean(losses, mask), stats
+    return aggregate(losses, mask), stats
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

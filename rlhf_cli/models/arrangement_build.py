@@ -155,7 +155,8 @@ def _sequence_classifier(recipe: Recipe, source: str):
 
 
 def _separate(recipe: Recipe, actor, rm_dir, rm_kind, with_critic: bool) -> Arrangement:
-    reference = load_causal_lm(recipe.model).requires_grad_(False)
+    # ppo.kl_coef 0 (DAPO / Dr. GRPO): no KL term, so no reference copy to hold in memory
+    reference = load_causal_lm(recipe.model).requires_grad_(False) if recipe.ppo.kl_coef != 0 else None
     if not with_critic:  # actor, reference and (with an RM run) the reward model
         return Separate(actor, reference, None, None, _frozen_reward_model(recipe, rm_dir, rm_kind))
     if rm_dir is None:

@@ -234,7 +234,9 @@ class Separate(Arrangement):
 
     def __init__(self, actor, reference, critic, value_head, reward_model):
         super().__init__()
-        self.actor, self.reference, self.critic = actor, reference.requires_grad_(False), critic
+        # reference None: ppo.kl_coef 0 loads no reference copy (no KL term, no reference forward)
+        self.reference = reference.requires_grad_(False) if reference is not None else None
+        self.actor, self.critic = actor, critic
         self.value_head = value_head
         self.reward_model = reward_model.requires_grad_(False) if reward_model is not None else None
 
@@ -246,6 +248,8 @@ class Separate(Arrangement):
 
     @contextlib.contextmanager
     def _reference(self):
+        if self.reference is None:
+            raise RuntimeError("this arrangement was built without a reference (ppo.kl_coef 0)")
         yield self.reference
 
     def _reward(self, input_ids, attention_mask):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ...algorithms.kl import kl_estimate, kl_k1
+from ...algorithms.overlong import soft_overlong_penalty
 from ...algorithms.ppo import estimate_advantages
 from ...engine.rollout import Rollout
 from ...schema import PPOSection
@@ -46,27 +47,33 @@ class Experience:
 
 
 def shape_scores(raw: torch.Tensor, ended: torch.Tensor, ppo: PPOSection,
-                 stats: dict | None, running=None) -> torch.Tensor:
-    """Normalise with the RM's stored mean/std, penalise missing EOS, centre/scale by the running
-    moments (`running`: reward_scaling.RunningRewards, PPO-max), clip to ±reward_clip."""
+                 stats: dict | None, lengths: torch.Tensor | None = None, running=None) -> torch.Tensor:
+    """Normalise with the RM's stored mean/std, penalise missing EOS (and, with `ppo.overlong:
+    penalty`, add DAPO's soft length penalty of the response `lengths`), centre/scale by the
+    running moments (`running`: reward_scaling.RunningRewards, PPO-max), clip to ±reward_clip."""
     scores = raw.clone()
     if ppo.normalize_reward and stats:
         scores = (scores - stats["mean"]) / max(stats["std"], 1e-6)
     scores = scores + (~ended).float() * ppo.no_eos_penalty
+    if ppo.overlong == "penalty":  # DAPO
+        lengths = lengths.to(scores.device)
+        scores = scores + soft_overlong_penalty(lengths, ppo.max_new_tokens, ppo.overlong_buffer)
     if running is not None:
         scores = running(scores)
     return scores.clamp(-ppo.reward_clip, ppo.reward_clip)
 
 
 @torch.no_grad()
-def old_policy_outputs(arrangement, rollout: Rollout):
+def old_policy_outputs(arrangement, rollout: Rollout, reference: bool = True):
+    """(log π_old, log π_ref, values). `reference=False` (ppo.kl_coef 0): no reference forward;
+    log π_ref is log π_old itself, so that every KL is 0."""
     was_training = arrangement.training
     arrangement.eval()
     try:
         logp, values, _ = arrangement(rollout.input_ids, rollout.attention_mask, rollout.prompt_width,
                                       rollout.tokens, with_entropy=False)
-        ref = arrangement.reference_logprobs(rollout.input_ids, rollout.attention_mask,
-                                             rollout.prompt_width, rollout.tokens)
+        ref = logp if not reference else arrangement.reference_logprobs(
+            rollout.input_ids, rollout.attention_mask, rollout.prompt_width, rollout.tokens)
     finally:
         arrangement.train(was_training)
     return logp, ref, values
@@ -81,8 +88,8 @@ def summed_over_processes(backend):
 def make_experience(arrangement, rollout: Rollout, raw_scores: torch.Tensor, ppo: PPOSection,
                     reward_stats: dict | None, running=None) -> Experience:
     """The rollout, its old/reference log-probs and values, KL and shaped rewards (no advantages
-    yet); `running`: see `shape_scores`."""
-    old_logp, ref_logp, values = old_policy_outputs(arrangement, rollout)
+    yet); `running`: see `shape_scores`. No reference forward at kl_coef 0."""
+    old_logp, ref_logp, values = old_policy_outputs(arrangement, rollout, reference=ppo.kl_coef != 0)
     mask = rollout.response_mask
     if values is not None:
         values = values * mask
@@ -90,7 +97,8 @@ def make_experience(arrangement, rollout: Rollout, raw_scores: torch.Tensor, ppo
         input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, tokens=rollout.tokens,
         response_mask=mask, prompt_width=rollout.prompt_width, old_logprobs=old_logp,
         ref_logprobs=ref_logp, old_values=values, kl=kl_estimate(old_logp, ref_logp, ppo.kl_estimator) * mask,
-        rewards=shape_scores(raw_scores, rollout.ended.to(raw_scores.device), ppo, reward_stats, running),
+        rewards=shape_scores(raw_scores, rollout.ended.to(raw_scores.device), ppo, reward_stats,
+                             rollout.response_mask.sum(dim=1), running),
         kl_per_response=(kl_k1(old_logp, ref_logp) * mask).sum(dim=1))
 
 
@@ -99,7 +107,7 @@ def with_advantages(experience: Experience, ppo: PPOSection, kl_coef: float, bac
     advantages, returns = estimate_advantages(
         ppo.advantage, experience.rewards, experience.kl, experience.response_mask, kl_coef,
         values=experience.old_values, gamma=ppo.gamma, lam=ppo.lam, group_size=ppo.samples_per_prompt,
-        reduce=summed_over_processes(backend))
+        reduce=summed_over_processes(backend), scale_rewards=ppo.scale_rewards)
     if ppo.advantage_clip is not None:  # PPO-max: |A| <= c after whitening (0 off the mask stays 0)
         advantages = advantages.clamp(-ppo.advantage_clip, ppo.advantage_clip)
     return dataclasses.replace(experience, advantages=advantages, returns=returns)

@@ -48,7 +48,7 @@ def ppo_plan(recipe: Recipe) -> list[str]:
     tricks = _ppo_max_tricks(recipe)
     if tricks:
         lines.append("PPO-max: " + "; ".join(tricks))
-    return lines
+    return lines + rlvr_plan(recipe.ppo)
 
 
 def _ppo_max_tricks(recipe: Recipe) -> list[str]:
@@ -70,3 +70,22 @@ def _ppo_max_tricks(recipe: Recipe) -> list[str]:
         settings = ppo.critic_optimizer(recipe.train)
         tricks.append(f"critic lr {settings['lr']:g}, betas {settings['betas']}, eps {settings['eps']:g}")
     return tricks
+
+
+def rlvr_plan(ppo) -> list[str]:
+    """The DAPO / Dr. GRPO keys, in one line, when any is on."""
+    on = []
+    if (ppo.clip_low, ppo.clip_high) != (ppo.clip_range, ppo.clip_range):
+        on.append(f"ratio clipped to [1 - {ppo.clip_low}, 1 + {ppo.clip_high}]")
+    if ppo.loss_aggregation != "token-mean":
+        on.append(f"loss {ppo.loss_aggregation}")
+    if ppo.scale_rewards != "auto":
+        on.append(f"group advantages scaled by: {ppo.scale_rewards}")
+    if ppo.dynamic_sampling:
+        on.append(f"dynamic sampling (at most {ppo.max_sampling_rounds} rounds)")
+    if ppo.overlong != "none":
+        buffer = f" (buffer {ppo.overlong_buffer})" if ppo.overlong_buffer else ""
+        on.append(f"overlong: {ppo.overlong}{buffer}")
+    if ppo.kl_coef == 0:
+        on.append("no reference forward (kl_coef 0)")
+    return [f"DAPO / Dr. GRPO: {'; '.join(on)}"] if on else []

@@ -35,10 +35,12 @@ from ...models.arrangement_build import build_arrangement
 from ...models.policy import tokenizer_for
 from ...schema import Recipe
 from .bookkeeping import Phases, SampleLog, rollout_means
+from .dynamic_sampling import DynamicSampling
 from .ema import ActorEMA
 from .experience import make_experience, with_advantages
 from .guard import check_kl, check_scores, diverged
 from .optim import ppo_optimizer
+from .overlong import overlong_masked
 from .ptx import PtxBatches
 from .reward_scaling import RunningRewards
 from .saving import save_ppo_final
@@ -76,6 +78,11 @@ class PPO:
                                 updates_per_iteration=per_iteration, seed=self.train.seed,
                                 ptx_batches=ptx, bad_steps=self.bad_steps, ema=self.ema)
         self.samples = SampleLog(run_dir, backend.is_main, self.train.log_every)
+        self.dynamic = None  # DAPO's dynamic sampling
+        if self.ppo.dynamic_sampling:
+            self.dynamic = DynamicSampling(self.ppo, self.prompts, self.batches, backend, self.train.seed,
+                                           self.sample_prompts, self.score, self.reward_stats,
+                                           self.tokenizer.pad_token_id)
         self.scorer = None
         if self.train.eval_reward_fn:
             self.scorer = make_task_scorer(recipe, self.tokenizer, backend)
@@ -100,19 +107,24 @@ class PPO:
 
     # ------------------------------------------------------------------ one iteration
     def iteration(self, index: int) -> dict:
-        phases = Phases()
-        with phases("generate"):
-            rollout = self.rollout(index)
-        with phases("score"):
-            scores, responses = self.score(rollout, index)
+        phases, sampling = Phases(), {}
+        if self.dynamic is not None:  # rounds of sampling and scoring (dynamic_sampling.py)
+            with phases("generate"):
+                rollout, scores, responses, sampling = self.dynamic(index)
+        else:
+            with phases("generate"):
+                rollout = self.rollout(index)
+            with phases("score"):
+                scores, responses = self.score(rollout, index)
         with phases("train"):
             experience = make_experience(self.model, rollout, scores, self.ppo, self.reward_stats,
                                          self.running_rewards)
             means = rollout_means(rollout, scores, experience, self.ppo, self.backend)
             check_kl(means["kl"], index + 1)  # before training on a rollout from a policy that has gone
+            experience = overlong_masked(experience, rollout.ended, self.ppo)  # ppo.overlong: mask
             experience = with_advantages(experience, self.ppo, self.kl.value, self.backend)
             stats = self.update(experience, index)
-        row = self._row(index + 1, means, stats, phases.seconds)
+        row = {**self._row(index + 1, means, stats, phases.seconds), **sampling}
         self.kl.update(means["kl"], int(means["responses"]))
         self.samples.write(index + 1, rollout.prompts, responses, scores.tolist())
         return row
@@ -120,7 +132,9 @@ class PPO:
     def rollout(self, index: int):
         """This process's prompts of iteration `index`, each sampled `samples_per_prompt` times
         (consecutive rows of one process: grpo/rloo's groups)."""
-        prompts = [self.prompts[i] for i in self.batches.micro_batches(index)[0]]
+        return self.sample_prompts([self.prompts[i] for i in self.batches.micro_batches(index)[0]])
+
+    def sample_prompts(self, prompts: list):
         examples = [p for p in prompts for _ in range(self.ppo.samples_per_prompt)]
         return sample(self.model, examples, self.tokenizer, self.ppo, self.backend.device,
                       synced=self.backend.world_size > 1)

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ...algorithms.aggregation import aggregation
 from ...algorithms.masked import masked_mean
 from ...algorithms.ppo import explained_variance, policy_loss, value_loss
 from ...engine.memory import release_freed_memory
@@ -30,19 +31,20 @@ def minibatch_loss(wrapped, rows: Experience, ppo: PPOSection, vf_coef: float, t
     outputs = wrapped(rows.input_ids, rows.attention_mask, rows.prompt_width, rows.tokens, ptx=ptx)
     logp, values, entropy = outputs[:3]
     mask = rows.response_mask
-    pg, pg_stats = policy_loss(logp, rows.old_logprobs, rows.advantages, mask, ppo.clip_range,
-                               dual_clip=ppo.dual_clip)
-    mean_entropy = masked_mean(entropy, mask)
+    aggregate, _ = aggregation(ppo.loss_aggregation, ppo.max_new_tokens)  # DAPO / Dr. GRPO keys
+    pg, pg_stats = policy_loss(logp, rows.old_logprobs, rows.advantages, mask, ppo.clip_low,
+                               clip_range_high=ppo.clip_high, dual_clip=ppo.dual_clip, aggregate=aggregate)
     # During critic warm-up the actor term is kept at weight 0 so that every trainable
     # parameter stays in the graph (DDP expects that) while only the critic learns.
-    rl_loss = (1.0 if train_actor else 0.0) * _actor_loss(pg, mean_entropy, ppo)
+    rl_loss = (1.0 if train_actor else 0.0) * _actor_loss(pg, aggregate(entropy, mask), ppo)
     stats = {"policy_loss": float(pg.detach()),
-             "entropy": float(mean_entropy.detach()),
+             "entropy": float(masked_mean(entropy.detach(), mask)),
              "clip_frac": float(pg_stats["clip_frac"]), "approx_kl": float(pg_stats["approx_kl"])}
     if ppo.dual_clip is not None:
         stats["dual_clip_frac"] = float(pg_stats["dual_clip_frac"])
     if values is not None:
-        vf, vf_stats = value_loss(values, rows.old_values, rows.returns, mask, ppo.clip_range_value)
+        vf, vf_stats = value_loss(values, rows.old_values, rows.returns, mask, ppo.clip_range_value,
+                                  aggregate=aggregate)
         rl_loss = rl_loss + vf_coef * vf
         stats.update(value_loss=float(vf.detach()), vf_clip_frac=float(vf_stats["vf_clip_frac"]))
     loss = share * rl_loss
@@ -52,25 +54,31 @@ def minibatch_loss(wrapped, rows: Experience, ppo: PPOSection, vf_coef: float, t
     return loss, stats
 
 
-def _actor_loss(pg: torch.Tensor, mean_entropy: torch.Tensor, ppo: PPOSection) -> torch.Tensor:
-    """The policy loss, minus PPO-max's entropy bonus ppo.entropy_coef x the token-mean entropy
-    (minimising the loss raises the entropy; the arrangement then gives entropy a gradient)."""
-    return pg - ppo.entropy_coef * mean_entropy if ppo.entropy_coef else pg
+def _actor_loss(pg: torch.Tensor, entropy: torch.Tensor, ppo: PPOSection) -> torch.Tensor:
+    """The policy loss, minus PPO-max's entropy bonus ppo.entropy_coef x the entropy, aggregated
+    as the policy loss is (token-mean by default; minimising the loss raises the entropy; the
+    arrangement then gives entropy a gradient)."""
+    return pg - ppo.entropy_coef * entropy if ppo.entropy_coef else pg
 
 
-def _global_tokens(mask: torch.Tensor, backend) -> torch.Tensor:
-    return backend.all_reduce_sum(mask.detach().sum().to(torch.float64)).clamp(min=1.0)
+def _tokens(mask: torch.Tensor) -> torch.Tensor:
+    return mask.detach().sum().to(torch.float64)
 
 
-def _share(mask: torch.Tensor, global_tokens: torch.Tensor, backend) -> float:
+def _global_tokens(mask: torch.Tensor, backend, units=_tokens) -> torch.Tensor:
+    return backend.all_reduce_sum(units(mask)).clamp(min=1.0)
+
+
+def _share(mask: torch.Tensor, global_tokens: torch.Tensor, backend, units=_tokens) -> float:
     """This micro-batch's tokens over the mean tokens per rank of the whole minibatch.
 
     The losses are token-means over a micro-batch's rows, and DDP/ZeRO average the ranks'
     gradients; scaled by this share and summed over the micro-batches, that is the gradient
     of the token-mean over the whole minibatch of all ranks, as one process computes it in
-    one forward. (One micro-batch on one process: 1.)
+    one forward. (One micro-batch on one process: 1.) `units`: what the loss is a mean of
+    (`ppo.loss_aggregation`, algorithms/aggregation.py): tokens, or responses.
     """
-    return float(mask.detach().sum().to(torch.float64) * backend.world_size / global_tokens)
+    return float(units(mask) * backend.world_size / global_tokens)
 
 
 def _ptx_tokens(ptx: dict) -> torch.Tensor:
@@ -104,13 +112,14 @@ def minibatch_update(wrapped, experience: Experience, index: torch.Tensor, ptx: 
     only for an applied step.
     """
     pieces = index.split(ppo.micro_batch_size or ppo.mini_batch_size)
-    minibatch_tokens = _global_tokens(experience.response_mask[index], backend)
+    _, units = aggregation(ppo.loss_aggregation)  # tokens, or responses (DAPO / Dr. GRPO)
+    minibatch_tokens = _global_tokens(experience.response_mask[index], backend, units)
     ptx_parts = _split_ptx(ptx, len(pieces))
     ptx_tokens = _global_tokens(_ptx_tokens(ptx), backend) if ptx is not None else None
     bad, weighted = False, []
     for i, (rows_index, ptx_part) in enumerate(zip(pieces, ptx_parts, strict=True)):
         rows = experience.select(rows_index)
-        share = _share(rows.response_mask, minibatch_tokens, backend)
+        share = _share(rows.response_mask, minibatch_tokens, backend, units)
         ptx_share = _share(_ptx_tokens(ptx_part), ptx_tokens, backend) if ptx_part is not None else 1.0
         with backend.accumulating(i < len(pieces) - 1), backend.autocast():
             loss, stats = minibatch_loss(wrapped, rows, ppo, vf_coef, train_actor, ptx_part, share, ptx_share)
