@@ -103,12 +103,12 @@ def test_scores_are_penalised_then_normalised_then_clipped():
     ppo = recipe_with("ppo.reward_scaling=true", "ppo.reward_centering=true", "ppo.no_eos_penalty=-1",
                       "ppo.reward_clip=0.5").ppo
     running = RunningRewards(ppo, Ranks())
-    shaped = shape_scores(torch.tensor([4.0, 0.0]), torch.tensor([True, False]), ppo, None, running)
+    shaped = shape_scores(torch.tensor([4.0, 0.0]), torch.tensor([True, False]), ppo, None, running=running)
     assert shaped.tolist() == [0.5, -0.5]
     assert running.moments.mean == 1.5 and running.moments.m2 == 12.5
     ppo = dataclasses.replace(ppo, reward_clip=10.0)
     shaped = shape_scores(torch.tensor([4.0, 0.0]), torch.tensor([True, False]), ppo, None,
-                          RunningRewards(ppo, Ranks()))
+                          running=RunningRewards(ppo, Ranks()))
     assert shaped.tolist() == pytest.approx([2.5 / math.sqrt(12.5), -2.5 / math.sqrt(12.5)], abs=1e-6)
 
 

@@ -181,7 +181,8 @@ def test_overlong_mask_gives_truncated_responses_no_weight():
 def test_the_soft_penalty_is_added_to_the_score():
     ppo = PPOSection(reward_fn="m:f", overlong="penalty", overlong_buffer=4, max_new_tokens=12,
                      no_eos_penalty=-0.5)
-    shaped = shape_scores(t(1, 1, 1), torch.tensor([True, True, False]), ppo, None, torch.tensor([6, 10, 12]))
+    shaped = shape_scores(t(1, 1, 1), torch.tensor([True, True, False]), ppo, None,
+                          lengths=torch.tensor([6, 10, 12]))
     torch.testing.assert_close(shaped, t(1.0, 0.5, 1 - 0.5 - 1.0))
 
 

@@ -76,7 +76,7 @@ class DynamicSampling:
 
     def _informative(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
         shaped = shape_scores(scores, rollout.ended.to(scores.device), self.ppo, self.reward_stats,
-                              rollout.response_mask.sum(dim=1))
+                              lengths=rollout.response_mask.sum(dim=1))
         return informative_groups(shaped, self.ppo.samples_per_prompt)
 
     def __call__(self, index: int) -> tuple[Rollout, torch.Tensor, list[str], dict]:

@@ -47,7 +47,7 @@ class Experience:
 
 
 def shape_scores(raw: torch.Tensor, ended: torch.Tensor, ppo: PPOSection,
-                 stats: dict | None, lengths: torch.Tensor | None = None, running=None) -> torch.Tensor:
+                 stats: dict | None, *, lengths: torch.Tensor | None = None, running=None) -> torch.Tensor:
     """Normalise with the RM's stored mean/std, penalise missing EOS (and, with `ppo.overlong:
     penalty`, add DAPO's soft length penalty of the response `lengths`), centre/scale by the
     running moments (`running`: reward_scaling.RunningRewards, PPO-max), clip to ±reward_clip."""
@@ -98,7 +98,7 @@ def make_experience(arrangement, rollout: Rollout, raw_scores: torch.Tensor, ppo
         response_mask=mask, prompt_width=rollout.prompt_width, old_logprobs=old_logp,
         ref_logprobs=ref_logp, old_values=values, kl=kl_estimate(old_logp, ref_logp, ppo.kl_estimator) * mask,
         rewards=shape_scores(raw_scores, rollout.ended.to(raw_scores.device), ppo, reward_stats,
-                             rollout.response_mask.sum(dim=1), running),
+                             lengths=rollout.response_mask.sum(dim=1), running=running),
         kl_per_response=(kl_k1(old_logp, ref_logp) * mask).sum(dim=1))
 
 
