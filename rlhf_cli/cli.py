@@ -146,6 +146,9 @@ app.command("dpo")(_stage_command(
 app.command("ppo")(_stage_command(
     "ppo", "PPO with actor, critic, reference and reward on one base as LoRA adapters.",
     "rlhf ppo --recipe recipes/llama2-7b-1base-1lora.yaml"))
+app.command("rrhf")(_stage_command(
+    "rrhf", "RRHF: rank K scored responses per prompt (`rlhf generate` output) + SFT on the best.",
+    "rlhf rrhf --recipe recipes/tiny-rrhf.yaml --set data.train=samples.jsonl"))
 
 
 @app.command("merge-lora")

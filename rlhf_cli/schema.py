@@ -16,8 +16,9 @@ from .algorithms.catalog import PREFERENCE_LOSS_NAMES
 from .data.templates import TEMPLATES
 from .schema_fields import Problems, above, at_least, choice, function_ref, local_path
 from .schema_ppo import PPOSection
+from .schema_rrhf import RRHFSection
 
-STAGES = ("sft", "rm", "dpo", "ppo")
+STAGES = ("sft", "rm", "dpo", "ppo", "rrhf")
 
 
 @dataclass
@@ -168,4 +169,5 @@ class Recipe:
     rm: RMSection = field(default_factory=RMSection)
     dpo: DPOSection = field(default_factory=DPOSection)
     ppo: PPOSection = field(default_factory=PPOSection)
+    rrhf: RRHFSection = field(default_factory=RRHFSection)
     launch: LaunchSection = field(default_factory=LaunchSection)

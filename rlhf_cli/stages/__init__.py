@@ -9,4 +9,5 @@ STAGE_RUNNERS = {
     "rm": "rlhf_cli.stages.rm:run_rm",
     "dpo": "rlhf_cli.stages.dpo:run_dpo",
     "ppo": "rlhf_cli.stages.ppo.run:run_ppo",
+    "rrhf": "rlhf_cli.stages.rrhf:run_rrhf",
 }
