@@ -150,7 +150,8 @@ def test_every_choice_beside_a_field_is_checked(tmp_path, key, names):
 
 def test_the_schema_describes_its_keys():
     """The keys an earlier CHOICES/BOUNDS table listed, still described beside their fields."""
-    assert len(BOUNDED) == 37 and len(CHOSEN) == 12  # 11 in the old table, + model.quantization
+    # 37 bounds + rrhf.length_penalty and rrhf.rank_weight; 11 choices in the old table + model.quantization
+    assert len(BOUNDED) == 39 and len(CHOSEN) == 12
     assert dict(CHOSEN)["ppo.advantage"] == ("gae", "grpo", "rloo", "reinforce_pp")
     assert dict(CHOSEN)["model.quantization"] == ("4bit", "8bit")
     paths = sorted(key for key, spec in described_keys() if spec.metadata.get("names") == "path")
