@@ -251,3 +251,16 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(in_process, tmp_pa
         assert 0 <= row["rank_accuracy"] <= 1 and math.isfinite(row["sft_loss"])
     a, b = (weights(r / "final" / "adapter_model.safetensors") for r in (run, tmp_path / "straight"))
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_preview_json_shows_each_prompt_with_its_scored_responses(in_process, tmp_path, capsys):
+    rows = sampled_rows(2)
+    data = write_rows(tmp_path / "samples.jsonl", rows)
+    assert in_process("preview", "--recipe", str(REPO / "recipes" / "tiny-rrhf.yaml"),
+                      "--set", f"data.train={data}", "--n", "1", "--json") == 0
+    (item,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {k: item[k] for k in ("prompt", "responses", "scores")} == rows[0]
+    assert len(item["responses_input_ids"]) == len(item["responses_labels"]) == 3
+    prompt = len(build_tokenizer()(rows[0]["prompt"])["input_ids"])
+    for ids, labels in zip(item["responses_input_ids"], item["responses_labels"], strict=True):
+        assert labels[:prompt] == [-100] * prompt and labels[prompt:] == ids[prompt:]
