@@ -25,7 +25,9 @@ from .cli_common import (
     SetOpt,
     debug_wanted,
     fail,
+    run_ignoring_ctrl_c,
 )
+from .cli_generate import generate as generate_command
 from .errors import EXIT_USER_ERROR, UserError
 
 app = typer.Typer(
@@ -104,24 +106,10 @@ def _start(resolved, recipe_file: Path, resume: bool, debug: bool) -> int:
     os.environ["RLHF_COMMAND"] = shlex.join(["rlhf", *sys.argv[1:]])
     if launcher.needs_launcher(resolved.launch):
         typer.echo(f"launching: {launcher.format_argv(argv)}", err=True)
-        return _run_ignoring_ctrl_c(launcher.run, argv)
+        return run_ignoring_ctrl_c(launcher.run, argv)
     from .worker import run_worker
 
     return run_worker(str(recipe_file), resume=resume, debug=debug)
-
-
-def _run_ignoring_ctrl_c(run, argv: list[str]) -> int:
-    """Ctrl-C reaches the launcher too, which forwards it to the workers (they save a
-    checkpoint and stop); this process only waits. Left to Python, its KeyboardInterrupt
-    would kill the launcher at once. A Python handler, not SIG_IGN: the launcher must
-    start with Ctrl-C enabled (an ignored signal stays ignored across exec)."""
-    import signal
-
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
-    try:
-        return run(argv)
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _stage_command(stage: str, summary: str, example: str):
@@ -149,6 +137,7 @@ app.command("ppo")(_stage_command(
 app.command("rrhf")(_stage_command(
     "rrhf", "RRHF: rank K scored responses per prompt (`rlhf generate` output) + SFT on the best.",
     "rlhf rrhf --recipe recipes/tiny-rrhf.yaml --set data.train=samples.jsonl"))
+app.command("generate")(generate_command)
 
 
 @app.command("merge-lora")

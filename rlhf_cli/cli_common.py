@@ -39,3 +39,17 @@ def fail(exc: UserError, debug: bool) -> None:
         raise exc
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(EXIT_USER_ERROR)
+
+
+def run_ignoring_ctrl_c(run, argv: list[str]) -> int:
+    """Ctrl-C reaches the launcher too, which forwards it to the workers (they save a
+    checkpoint and stop); this process only waits. Left to Python, its KeyboardInterrupt
+    would kill the launcher at once. A Python handler, not SIG_IGN: the launcher must
+    start with Ctrl-C enabled (an ignored signal stays ignored across exec)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        return run(argv)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -46,7 +46,7 @@ def needs_launcher(launch: LaunchSection) -> bool:
     )
 
 
-def _torchrun_argv(launch: LaunchSection) -> list[str]:
+def _torchrun_argv(launch: LaunchSection, module: str = WORKER_MODULE) -> list[str]:
     argv = [sys.executable, "-m", TORCHRUN_MODULE, f"--nproc_per_node={launch.num_processes}"]
     if launch.num_machines > 1:
         argv += [
@@ -58,10 +58,10 @@ def _torchrun_argv(launch: LaunchSection) -> list[str]:
     else:
         # A free port per run, so two runs on one machine do not collide.
         argv += ["--standalone"]
-    return argv + ["-m", WORKER_MODULE]
+    return argv + ["-m", module]
 
 
-def _accelerate_argv(launch: LaunchSection) -> list[str]:
+def _accelerate_argv(launch: LaunchSection, module: str = WORKER_MODULE) -> list[str]:
     argv = [
         sys.executable, "-m", ACCELERATE_MODULE,
         "--num_processes", str(launch.num_processes * launch.num_machines),
@@ -79,17 +79,19 @@ def _accelerate_argv(launch: LaunchSection) -> list[str]:
         argv += ["--multi_gpu"]
     if launch.cpu:
         argv += ["--cpu"]
-    return argv + ["-m", WORKER_MODULE]
+    return argv + ["-m", module]
 
 
-def worker_argv(launch: LaunchSection, run_recipe: str, *, resume: bool) -> list[str]:
-    """The exact command that trains `run_recipe` (the resolved recipe.yaml of a run)."""
+def worker_argv(launch: LaunchSection, run_recipe: str, *, resume: bool,
+                module: str = WORKER_MODULE) -> list[str]:
+    """The exact command that trains `run_recipe` (the resolved recipe.yaml of a run); `module`
+    another rank entry point (`rlhf generate`'s) given one file to read."""
     tail = [run_recipe] + (["--resume"] if resume else [])
     if not needs_launcher(launch):
-        return [sys.executable, "-m", WORKER_MODULE, *tail]
+        return [sys.executable, "-m", module, *tail]
     if launch.launcher == "accelerate" and launch.deepspeed is None:
-        return _accelerate_argv(launch) + tail
-    return _torchrun_argv(launch) + tail
+        return _accelerate_argv(launch, module) + tail
+    return _torchrun_argv(launch, module) + tail
 
 
 def format_argv(argv: list[str]) -> str:

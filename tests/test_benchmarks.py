@@ -52,3 +52,11 @@ def test_the_qlora_bench_writes_a_4bit_and_a_bf16_recipe(tmp_path):
         text = bench_qlora.side_recipe(args, side, tmp_path / "p.jsonl", tmp_path / "rm")
         recipe = build_recipe(yaml.safe_load(text))
         assert (recipe.model.quantization, recipe.model.dtype) == (quantization, "bf16"), side
+
+
+def test_the_generate_bench_refuses_empty_counts():
+    import bench_generate
+
+    assert bench_generate.parse_args([]).model == "small"
+    with pytest.raises(SystemExit):
+        bench_generate.parse_args(["--n", "0"])

@@ -43,6 +43,7 @@ from .loading import (
     resolve_base,
 )
 from .logits import check_head
+from .reward_judge import check_same_tokenizer, classifier_for, frozen_reward_model
 
 
 def build_arrangement(recipe: Recipe, tokenizer=None, announce: bool = False) -> Arrangement:
@@ -93,14 +94,7 @@ def _reward_model(recipe: Recipe, kind: str):
 
 
 def _check_tokenizer(rm_dir, tokenizer, trust_remote_code: bool = False) -> None:
-    from transformers import AutoTokenizer
-
-    if not (rm_dir / "tokenizer_config.json").is_file():
-        return
-    theirs = AutoTokenizer.from_pretrained(str(rm_dir), trust_remote_code=trust_remote_code)
-    if theirs.get_vocab() != tokenizer.get_vocab() or theirs.eos_token_id != tokenizer.eos_token_id:
-        raise UserError(f"the reward model {rm_dir} uses another tokenizer than the policy; PPO "
-                        "scores the policy's token ids, so both must share one vocabulary", where=WHERE)
+    check_same_tokenizer(rm_dir, tokenizer, trust_remote_code, WHERE)
 
 
 def _set_trainable(peft_model, adapter: str) -> None:
@@ -157,19 +151,7 @@ def _two_base(recipe: Recipe, actor, rm_dir, critic: bool) -> Arrangement:
 
 
 def _sequence_classifier(recipe: Recipe, source: str):
-    from .loading import torch_dtype
-    from .quantization import quantized_load_kwargs
-    from .reward_loading import sequence_classifier
-
-    dtype = torch_dtype(recipe.model.dtype)
-    try:
-        model = sequence_classifier(source, dtype, recipe.model.trust_remote_code,
-                                    **quantized_load_kwargs(recipe.model.quantization, dtype))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load the reward model {source}: {str(exc).splitlines()[0]}",
-                        where=WHERE) from None
-    model.score.float()  # scores in float32 on any body, as `rlhf rm` trains them (models/reward.py)
-    return model
+    return classifier_for(recipe.model, source, WHERE)
 
 
 def _separate(recipe: Recipe, actor, rm_dir, rm_kind, with_critic: bool) -> Arrangement:
@@ -197,12 +179,5 @@ def _separate(recipe: Recipe, actor, rm_dir, rm_kind, with_critic: bool) -> Arra
 
 
 def _frozen_reward_model(recipe: Recipe, rm_dir, rm_kind):
-    """The RM as `rlhf eval` loads it (peft on a sequence classifier, or a full one); None
-    with a reward function."""
-    if rm_dir is None:
-        return None
-    if rm_kind == "full":
-        return _sequence_classifier(recipe, str(rm_dir)).eval()
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(_sequence_classifier(recipe, adapter_base(rm_dir)), str(rm_dir)).eval()
+    """The RM as `rlhf eval` loads it; None with a reward function."""
+    return None if rm_dir is None else frozen_reward_model(recipe.model, rm_dir, rm_kind, WHERE)
