@@ -137,6 +137,9 @@ app.command("ppo")(_stage_command(
 app.command("rft")(_stage_command(
     "rft", "Rejection-sampling fine-tuning: sample, score, keep the best, SFT; rft.rounds > 1 is RAFT.",
     "rlhf rft --recipe recipes/tiny-rft.yaml"))
+app.command("rrhf")(_stage_command(
+    "rrhf", "RRHF: rank K scored responses per prompt (`rlhf generate` output) + SFT on the best.",
+    "rlhf rrhf --recipe recipes/tiny-rrhf.yaml --set data.train=samples.jsonl"))
 app.command("generate")(generate_command)
 
 

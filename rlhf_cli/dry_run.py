@@ -75,6 +75,22 @@ def _prompt_examples(recipe: Recipe, tokenizer, n: int) -> list[dict]:
     return examples[:n]
 
 
+def _show_ranked(recipe: Recipe, tokenizer, n: int, as_json: bool) -> None:
+    """RRHF's first n prompts, each with its K responses and their scores."""
+    from .data import preview
+    from .data.loaders import ranked_examples
+    from .data.ranked import response_rows
+
+    examples = ranked_examples(_rows(recipe, "preference", n), recipe, tokenizer, recipe.data.train)[0][:n]
+    if as_json:
+        return _emit_json([{"prompt": e["prompt"], "responses": e["responses"], "scores": e["scores"],
+                            "responses_input_ids": [list(r["input_ids"]) for r in response_rows(e)],
+                            "responses_labels": [list(r["labels"]) for r in response_rows(e)]}
+                           for e in examples])
+    rows = [row for e in examples for row in response_rows(e)]
+    return out.print(preview.render_preview_rich(rows, tokenizer, len(rows)))
+
+
 def _emit_json(items: list[dict]) -> None:
     for item in items:
         sys.stdout.write(json.dumps(item) + "\n")
@@ -85,7 +101,8 @@ def show_preview(recipe: Recipe, n: int, as_json: bool) -> None:
 
     JSON (DESIGN.md): sft `input_ids`/`labels`; rm and dpo `prompt`, `chosen`, `rejected`
     and `{chosen,rejected}_{input_ids,labels}`; ppo `prompt` and `prompt_input_ids`; KTO's
-    unpaired rows as sft's plus `label`.
+    unpaired rows as sft's plus `label`; rrhf `prompt`, `responses`, `scores` and
+    `responses_{input_ids,labels}` (one list per response).
     """
     from .data import preview
     from .models.policy import tokenizer_for
@@ -96,6 +113,8 @@ def show_preview(recipe: Recipe, n: int, as_json: bool) -> None:
         if as_json:
             return _emit_json(preview.preview_sft(examples, tokenizer, n))
         return out.print(preview.render_preview_rich(examples, tokenizer, n))
+    if recipe.stage == "rrhf":
+        return _show_ranked(recipe, tokenizer, n, as_json)
     pairs = recipe.stage == "rm" or (recipe.stage == "dpo" and not recipe.dpo.online)  # online: prompts
     unpaired = _unpaired_examples(recipe, tokenizer, n) if pairs and recipe.stage == "dpo" else None
     if unpaired is not None:  # KTO rows: one completion each, shown like SFT examples

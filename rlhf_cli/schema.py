@@ -17,8 +17,9 @@ from .data.templates import TEMPLATES
 from .schema_fields import Problems, above, at_least, choice, function_ref, local_path
 from .schema_ppo import PPOSection
 from .schema_rft import RFTSection
+from .schema_rrhf import RRHFSection
 
-STAGES = ("sft", "rm", "dpo", "ppo", "rft")
+STAGES = ("sft", "rm", "dpo", "ppo", "rft", "rrhf")
 
 
 @dataclass
@@ -194,4 +195,5 @@ class Recipe:
     dpo: DPOSection = field(default_factory=DPOSection)
     ppo: PPOSection = field(default_factory=PPOSection)
     rft: RFTSection = field(default_factory=RFTSection)
+    rrhf: RRHFSection = field(default_factory=RRHFSection)
     launch: LaunchSection = field(default_factory=LaunchSection)

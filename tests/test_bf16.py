@@ -144,11 +144,11 @@ SLOW = pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["sigmoid", pytest.param("simpo", marks=SLOW),
                                        pytest.param("kto", marks=SLOW)])
 def test_dpo_family_in_bf16(in_process, spy, tmp_path, loss_type):
-    from rlhf_cli.stages import dpo
+    from rlhf_cli.stages.dpo import objective
 
     spy_losses(spy)
     spy_body(spy)
-    spy.wrap(dpo, "sequence_logprobs", "seq_logp")
+    spy.wrap(objective, "sequence_logprobs", "seq_logp")
     assert in_process("dpo", "--recipe", str(REPO / "recipes" / "tiny-dpo.yaml"), "-o", "run", *SMALL,
                       "--set", f"dpo.loss_type={loss_type}") == 0
     finite_rows(tmp_path / "run")

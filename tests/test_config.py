@@ -154,8 +154,8 @@ def test_the_schema_describes_its_keys():
     # online DPO 3 (samples_per_prompt, max_new_tokens, temperature), PPO-max 7
     # (ppo.advantage_clip, entropy_coef, dual_clip, critic_lr, critic_adam_*), DAPO / Dr. GRPO
     # 4 bounded (clip_range_low/high, max_sampling_rounds, overlong_buffer) and 3 chosen
-    # (loss_aggregation, scale_rewards, overlong)
-    assert len(BOUNDED) == 37 + 8 + 3 + 7 + 4 and len(CHOSEN) == 12 + 1 + 3
+    # (loss_aggregation, scale_rewards, overlong); rrhf 2 (length_penalty, rank_weight)
+    assert len(BOUNDED) == 37 + 8 + 3 + 7 + 4 + 2 and len(CHOSEN) == 12 + 1 + 3
     assert dict(CHOSEN)["ppo.advantage"] == ("gae", "grpo", "rloo", "reinforce_pp")
     assert dict(CHOSEN)["model.quantization"] == ("4bit", "8bit")
     paths = sorted(key for key, spec in described_keys() if spec.metadata.get("names") == "path")

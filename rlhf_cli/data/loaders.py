@@ -1,7 +1,8 @@
 """Every stage's training data, read and tokenized as the recipe says.
 
 One place for each kind, so that stages (and `--dry-run`, `rlhf preview`, PPO-ptx) read the
-same rows the same way: SFT examples, preference pairs, KTO's unpaired examples, PPO prompts.
+same rows the same way: SFT examples, preference pairs, KTO's unpaired examples, RRHF's ranked
+responses, PPO prompts.
 The `examples_*` functions build from rows already read; the `load_*` ones also read the
 source and print its one-line report (`data.train: 1000 rows, 3 dropped ...`) once.
 """
@@ -13,6 +14,7 @@ from ..errors import UserError
 from ..schema import Recipe
 from .preference import build_preference_dataset
 from .prompt_data import build_prompt_dataset
+from .ranked import build_ranked_dataset
 from .sft import build_sft_dataset, loss_on_every_token
 from .sources import load_source
 from .unpaired import UnpairedView, build_unpaired_dataset, is_unpaired
@@ -40,6 +42,12 @@ def unpaired_examples(rows, recipe: Recipe, tokenizer, source: str):
                                   data.max_prompt_length, source=source)
 
 
+def ranked_examples(rows, recipe: Recipe, tokenizer, source: str):
+    data = recipe.data
+    return build_ranked_dataset(rows, tokenizer, data.template, data.max_length,
+                                data.max_prompt_length, source=source)
+
+
 def load_sft(recipe: Recipe, tokenizer, spec: str, key: str, backend):
     examples, report = sft_examples(load_source(spec, "sft", key=key), recipe, tokenizer, spec)
     say(backend, f"{key}: {report.summary()}")
@@ -48,6 +56,13 @@ def load_sft(recipe: Recipe, tokenizer, spec: str, key: str, backend):
 
 def load_pairs(recipe: Recipe, tokenizer, spec: str, key: str, backend):
     examples, report = pair_examples(load_source(spec, "preference", key=key), recipe, tokenizer, spec)
+    say(backend, f"{key}: {report.summary()}")
+    return examples
+
+
+def load_ranked(recipe: Recipe, tokenizer, spec: str, key: str, backend):
+    """RRHF's examples: K scored responses to each prompt, or preference pairs (K = 2)."""
+    examples, report = ranked_examples(load_source(spec, "preference", key=key), recipe, tokenizer, spec)
     say(backend, f"{key}: {report.summary()}")
     return examples
 

@@ -34,19 +34,19 @@ def encode_answer(conversation: list[dict], answer: str, prompt_segments: list, 
     return tokens[: max(i for i, t in enumerate(tokens) if t.train) + 1]
 
 
-def shared_prompt(chosen: list[Token], rejected: list[Token]
-                   ) -> tuple[list[Token], list[list[Token]]]:
-    """The prompt both sides start with, and the rest of each side (all trained).
+def shared_prompt(*sides: list[Token]) -> tuple[list[Token], list[list[Token]]]:
+    """The prompt every side (chosen and rejected, or K ranked answers) starts with, and the
+    rest of each side (all trained).
 
-    Normally the prompt is everything before the first trained token, the same on both sides. A
+    Normally the prompt is everything before the first trained token, the same on every side. A
     tokenizer may merge the marker's last characters with an answer's first ones (a "\\n\\n"
     token); then the prompt is the common token prefix and the differing tokens are scored as
-    part of the answers, so both sides are conditioned on exactly the same ids.
+    part of the answers, so every side is conditioned on exactly the same ids.
     """
-    firsts = [next(i for i, t in enumerate(side) if t.train) for side in (chosen, rejected)]
+    firsts = [next(i for i, t in enumerate(side) if t.train) for side in sides]
     shared = 0
-    while shared < min(firsts) and chosen[shared].id == rejected[shared].id:
+    while shared < min(firsts) and all(side[shared].id == sides[0][shared].id for side in sides):
         shared += 1
     rests = [[t._replace(train=True) for t in side[shared:first]] + side[first:]
-             for side, first in zip((chosen, rejected), firsts, strict=True)]
-    return chosen[:shared], rests
+             for side, first in zip(sides, firsts, strict=True)]
+    return sides[0][:shared], rests

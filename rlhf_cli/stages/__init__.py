@@ -10,4 +10,5 @@ STAGE_RUNNERS = {
     "dpo": "rlhf_cli.stages.dpo:run_dpo",
     "ppo": "rlhf_cli.stages.ppo.run:run_ppo",
     "rft": "rlhf_cli.stages.rft.run:run_rft",
+    "rrhf": "rlhf_cli.stages.rrhf:run_rrhf",
 }
