@@ -22,9 +22,9 @@ import torch
 
 from rlhf_cli.data.collate import pad_batch
 from rlhf_cli.data.lazy import LazyExamples
-from rlhf_cli.data.pair_tokens import encode_answers, fit_lengths, shared_prompt
+from rlhf_cli.data.pair_tokens import encode_answers, shared_prompt
 from rlhf_cli.data.preference import Drop, _finish, prompt_text, prompt_turns, to_preference, with_location
-from rlhf_cli.data.sft import IGNORE_INDEX, DropReport, _check_lengths
+from rlhf_cli.data.sft import IGNORE_INDEX, DropReport, _check_lengths, fit_lengths
 from rlhf_cli.data.templates import Template, get_template
 from rlhf_cli.errors import UserError
 
