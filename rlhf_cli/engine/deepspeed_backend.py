@@ -198,11 +198,22 @@ class DeepSpeedBackend(Backend):
     def autocast(self):
         return contextlib.nullcontext()  # DeepSpeed casts weights itself
 
-    def accumulating(self, more_to_come: bool):
+    def accumulating(self, more_to_come: bool, partial: bool = False):
         return contextlib.nullcontext()  # DeepSpeed reduces only at the boundary
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last_pass: bool = True) -> None:
         # The loop already divides by the global batch weight: no extra 1/accumulation.
+        if not last_pass:
+            # A micro-batch run in passes (1base-2lora's actor, then critic): an earlier pass
+            # is no micro-step (no step() call: DeepSpeed counts those) and never the
+            # accumulation boundary (there ZeRO-2 would keep only the boundary backward's
+            # gradients); the last pass's backward is the micro-batch's one micro-step.
+            self.engine.set_gradient_accumulation_boundary(False)
+            try:
+                self.engine.backward(loss, scale_wrt_gas=False)
+            finally:
+                self.engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's count
+            return
         self.engine.backward(loss, scale_wrt_gas=False)
         # Steps the optimizer only on the accumulation boundary (counted by DeepSpeed,
         # which is why the config's accumulation must equal the recipe's: config.micro_batching).
