@@ -51,6 +51,9 @@ class Backend:
     # weights alone: `skipped_step`). DeepSpeed steps inside `backward`, so it cannot.
     can_skip_steps: bool = False
     skipped_step: bool = False
+    # Whether a micro-batch may run as several forward/backward passes that each reach only
+    # part of the trainable weights (1base-2lora's actor, then critic: stages/ppo/update.py).
+    passes_apart: bool = True
 
     @property
     def is_main(self) -> bool:

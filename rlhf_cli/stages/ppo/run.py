@@ -70,7 +70,7 @@ class PPO:
                                 vf_coef=self.model.vf_coef,
                                 updates_per_iteration=per_iteration, seed=self.train.seed,
                                 ptx_batches=ptx, bad_steps=self.bad_steps, ema=self.ema,
-                                critic_apart=self.model.critic_apart)
+                                critic_apart=self.model.critic_apart and backend.passes_apart)
         self.samples = SampleLog(run_dir, backend.is_main, self.train.log_every)
         self.scorer = None
         if self.train.eval_reward_fn:
