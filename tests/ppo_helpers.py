@@ -56,7 +56,8 @@ def experience_of(arrangement, ro, scores, recipe, backend, kl_coef: float = 0.0
 
 def update_once(arrangement, experience, recipe, backend, scheduler, index: int = 0, vf_coef: float = 1.0):
     """Iteration `index`'s updates (run seed 0: it shuffles with seed `index`)."""
-    return PPOUpdate(arrangement, recipe.ppo, backend, scheduler, vf_coef=vf_coef)(experience, index)
+    return PPOUpdate(arrangement, recipe.ppo, backend, scheduler, vf_coef=vf_coef,
+                     critic_apart=arrangement.critic_apart)(experience, index)
 
 
 def base_logprobs(recipe, ro) -> torch.Tensor:
@@ -102,10 +103,10 @@ class OneProcess:
     def autocast(self):
         return contextlib.nullcontext()
 
-    def accumulating(self, more_to_come: bool):
+    def accumulating(self, more_to_come: bool, partial: bool = False):
         return contextlib.nullcontext()
 
-    def backward(self, loss):
+    def backward(self, loss, last_pass: bool = True):
         loss.backward()
 
     def optimizer_step(self) -> float:

@@ -216,10 +216,12 @@ def ppo_runs(work, sft_base, reward_model, zero3_sharded):
         settings += [f"ppo.rollout_batch_size={per_process}", f"ppo.mini_batch_size={per_process}"]
         if launch != "single":
             settings.append("launch.num_processes=2")
+        if launch.endswith("-micro"):  # the process's minibatch of 4 in 2 micro-batches
+            settings.append("ppo.micro_batch_size=2")
         env = None
-        if launch == "zero2":
+        if launch.startswith("zero2"):
             settings.append(f"launch.deepspeed={ZERO2}")
-        if launch == "zero3":
+        if launch.startswith("zero3"):
             settings.append(f"launch.deepspeed={zero3_sharded}")
             env = {"PYTHONPATH": os.pathsep.join([str(work / "probe"), os.environ.get("PYTHONPATH", "")]),
                    "RLHF_PROBE_LOG": str(out / "probe")}
@@ -292,6 +294,17 @@ def test_two_processes_match_one_process(arrangement, launch, ppo_runs):
     assert_same_final(run, reference)
     if launch == "zero3":
         assert_gathered_once_per_rollout(run)
+
+
+# 1base-2lora runs each micro-batch as an actor pass, then a critic pass: two backwards a
+# micro-batch (DDP skipped, the gradients averaged by hand; DeepSpeed's accumulation boundary on
+# the critic's backward only). In micro-batches too, two processes must reproduce one.
+@two_ranks
+@pytest.mark.parametrize("launch", ["ddp-micro", "zero2-micro", "zero3-micro"])
+def test_critic_apart_in_micro_batches_on_two_processes_matches_one(launch, ppo_runs):
+    reference, run = ppo_runs("1base-2lora", "single"), ppo_runs("1base-2lora", launch)
+    assert_same_metrics(run, reference)
+    assert_same_final(run, reference)
 
 
 # reinforce_pp whitens its advantages over the whole batch of all processes, ptx splits its

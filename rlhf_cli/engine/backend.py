@@ -51,6 +51,9 @@ class Backend:
     # weights alone: `skipped_step`). DeepSpeed steps inside `backward`, so it cannot.
     can_skip_steps: bool = False
     skipped_step: bool = False
+    # Whether a micro-batch may run as several forward/backward passes that each reach only
+    # part of the trainable weights (1base-2lora's actor, then critic: stages/ppo/update.py).
+    passes_apart: bool = True
 
     @property
     def is_main(self) -> bool:
@@ -74,8 +77,24 @@ class Backend:
         return holder[0]
 
 
+def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """What DDP's all-reduce does, by hand: every gradient averaged over the processes (one
+    flat all-reduce per dtype; a weight without a gradient counts as zeros, as in DDP)."""
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    for dtype in sorted({p.grad.dtype for p in params}, key=str):
+        grads = [p.grad for p in params if p.grad.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= world_size
+        for grad, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            grad.copy_(part.view_as(grad))
+
+
 class AccelerateBackend(Backend):
     can_skip_steps = True
+    _average_by_hand = False  # set by `accumulating(partial=True)` until the step
 
     def __init__(self, recipe: Recipe):
         from accelerate import Accelerator
@@ -104,13 +123,21 @@ class AccelerateBackend(Backend):
     def autocast(self):
         return self.accelerator.autocast()
 
-    def accumulating(self, more_to_come: bool):
-        """Skip the gradient all-reduce on every micro-batch but the last of a step."""
-        if more_to_come and self.world_size > 1:
+    def accumulating(self, more_to_come: bool, partial: bool = False):
+        """Skip the gradient all-reduce on every micro-batch but the last of a step.
+
+        `partial`: this backward reaches only some of the trainable weights (a micro-batch run
+        in passes: 1base-2lora's actor, then critic). DDP's synchronising backward would wait
+        for the weights it does not reach, so every such backward skips DDP's all-reduce and
+        `optimizer_step` averages the gradients over the processes itself.
+        """
+        if self.world_size > 1 and (more_to_come or partial):
+            self._average_by_hand = self._average_by_hand or partial
             return self.accelerator.no_sync(self.model)
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last_pass: bool = True) -> None:
+        """Accumulate the loss's gradients (`last_pass` matters to DeepSpeed only)."""
         self.accelerator.backward(loss)
 
     def optimizer_step(self) -> float:
@@ -120,6 +147,9 @@ class AccelerateBackend(Backend):
         lowers the scale itself (it must see `step()` to do so).
         """
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self._average_by_hand:
+            average_gradients(params, self.world_size)
+            self._average_by_hand = False
         grad_norm = float(self.accelerator.clip_grad_norm_(params, self.max_grad_norm))
         self.skipped_step = not math.isfinite(grad_norm) and self.accelerator.scaler is None
         if not self.skipped_step:
@@ -129,6 +159,7 @@ class AccelerateBackend(Backend):
 
     def skip_step(self) -> None:
         """Drop this step's gradients without touching weights or optimizer state."""
+        self._average_by_hand = False
         self.optimizer.zero_grad(set_to_none=True)
 
     def full_state_dict(self, model) -> dict:

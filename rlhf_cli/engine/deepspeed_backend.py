@@ -165,6 +165,11 @@ class DeepSpeedBackend(Backend):
         self.device = torch.device(name if name == "cpu" else f"{name}:{local_rank()}")
         self.config = deepspeed_config(recipe, self.world_size, on_cpu=name == "cpu")
         self.stage = zero_stage(self.config)
+        # ZeRO-3 copies a weight's gradient partition at the first backward of a step and adds
+        # to it after: a weight first reached by a later pass (the critic's, after the
+        # actor's) would add to the previous step's gradient (measured: 2 ranks then differ
+        # from 1). There the update keeps one forward/backward per micro-batch.
+        self.passes_apart = self.stage != 3
         if self.stage == 3:
             # Held alive so that from_pretrained loads weights already partitioned
             # (a 70B model never sits whole in one process) and generate() syncs ranks.
@@ -201,11 +206,23 @@ class DeepSpeedBackend(Backend):
     def autocast(self):
         return contextlib.nullcontext()  # DeepSpeed casts weights itself
 
-    def accumulating(self, more_to_come: bool):
+    def accumulating(self, more_to_come: bool, partial: bool = False):
         return contextlib.nullcontext()  # DeepSpeed reduces only at the boundary
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last_pass: bool = True) -> None:
         # The loop already divides by the global batch weight: no extra 1/accumulation.
+        if not last_pass:
+            # A micro-batch run in passes (1base-2lora's actor, then critic; not under ZeRO-3,
+            # see `passes_apart`): an earlier pass is no micro-step (no step() call: DeepSpeed
+            # counts those) and never the accumulation boundary, where ZeRO-2 assembles the
+            # step's gradients (a backward before it at the boundary is reported lost:
+            # allenai/open-instruct#1498); the last pass is the micro-batch's one micro-step.
+            self.engine.set_gradient_accumulation_boundary(False)
+            try:
+                self.engine.backward(loss, scale_wrt_gas=False)
+            finally:
+                self.engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's count
+            return
         self.engine.backward(loss, scale_wrt_gas=False)
         # Steps the optimizer only on the accumulation boundary (counted by DeepSpeed,
         # which is why the config's accumulation must equal the recipe's: config.micro_batching).

@@ -26,6 +26,9 @@ from .heads import (
 )
 from .reward import apply_head, score_sequences
 
+# What one forward of an arrangement computes (`Arrangement.forward(part=...)`).
+BOTH_PASSES, ACTOR_PASS, CRITIC_PASS = "both", "actor", "critic"
+
 
 def in_eval_mode(method):
     """No grad, dropout off (a PPO update leaves the modules in train mode), mode restored."""
@@ -66,10 +69,20 @@ class Arrangement(torch.nn.Module):
     shares_weights = False
     vf_coef = 1.0
     entropy_grad = False  # the update's entropy takes a gradient (ppo.entropy_coef > 0)
+    # The critic's values come from another pass of the body than the actor's log-probs
+    # (1base-2lora: the critic adapter on the same base). The update then runs a micro-batch
+    # as two forward/backward passes, `forward(part=ACTOR_PASS)` then `part=CRITIC_PASS`, so
+    # that only one pass's activations are alive at a time (stages/ppo/update.py).
+    critic_in_own_pass = False
 
     @property
     def has_critic(self) -> bool:
         return self.value_head is not None
+
+    @property
+    def critic_apart(self) -> bool:
+        """Whether the update runs the critic in a forward/backward pass of its own."""
+        return self.critic_in_own_pass and self.has_critic
 
     def configure(self, ppo) -> None:
         """The recipe settings the roles read: log-probs at the temperature the rollouts are
@@ -112,17 +125,21 @@ class Arrangement(torch.nn.Module):
         return _entries_of(state, "value_head")
 
     def forward(self, input_ids, attention_mask, prompt_width: int, tokens, with_entropy=True,
-                ptx: dict | None = None):
+                ptx: dict | None = None, part: str = BOTH_PASSES):
         """(log π [B, R], V [B, R] or None without a critic, entropy [B, R] or None).
 
         With `ptx` (an SFT batch: input_ids, attention_mask, labels) a fourth output: the
         actor's token-mean LM loss on it, in the same forward, so that DDP and ZeRO see one
-        graph per update.
+        graph per update. `part` ACTOR_PASS leaves the values out (None), CRITIC_PASS computes
+        only the values (log π and entropy None; no ptx); only where `critic_apart`.
         """
+        if part == CRITIC_PASS:
+            return None, self.values(input_ids, attention_mask, prompt_width, None), None
         states = response_states(hidden_states(self.actor, input_ids, attention_mask), prompt_width)
         logp, entropy = token_logprobs_and_entropy(self.actor, states, tokens, self.temperature,
                                                    with_entropy, self.entropy_grad)
-        values = self.values(input_ids, attention_mask, prompt_width, states) if self.has_critic else None
+        with_values = self.has_critic and part == BOTH_PASSES
+        values = self.values(input_ids, attention_mask, prompt_width, states) if with_values else None
         if ptx is None:
             return logp, values, entropy
         return logp, values, entropy, lm_loss(self.actor, ptx)
@@ -194,6 +211,7 @@ class OneBaseTwoLora(OneBaseOneLora):
 
     name = "1base-2lora"
     shares_weights = False
+    critic_in_own_pass = True
 
     def values(self, input_ids, attention_mask, prompt_width, actor_states):
         with using_adapter(self.actor, CRITIC):

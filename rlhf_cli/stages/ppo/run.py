@@ -76,7 +76,8 @@ class PPO:
         self.update = PPOUpdate(self.wrapped, self.ppo, backend, self.scheduler,
                                 vf_coef=self.model.vf_coef,
                                 updates_per_iteration=per_iteration, seed=self.train.seed,
-                                ptx_batches=ptx, bad_steps=self.bad_steps, ema=self.ema)
+                                ptx_batches=ptx, bad_steps=self.bad_steps, ema=self.ema,
+                                critic_apart=self.model.critic_apart and backend.passes_apart)
         self.samples = SampleLog(run_dir, backend.is_main, self.train.log_every)
         self.dynamic = None  # DAPO's dynamic sampling
         if self.ppo.dynamic_sampling:

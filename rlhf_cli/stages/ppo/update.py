@@ -8,6 +8,7 @@ numbers left out of the means; the schedule moves on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -17,37 +18,46 @@ from ...algorithms.masked import masked_mean
 from ...algorithms.ppo import explained_variance, policy_loss, value_loss
 from ...engine.memory import release_freed_memory
 from ...engine.reduce import global_sums
+from ...models.arrangements import ACTOR_PASS, BOTH_PASSES, CRITIC_PASS
 from ...schema import PPOSection
 from .experience import Experience, summed_over_processes
 from .warmup import drop_actor_gradients
 
 
 def minibatch_loss(wrapped, rows: Experience, ppo: PPOSection, vf_coef: float, train_actor: bool,
-                   ptx: dict | None = None, share: float = 1.0, ptx_share: float = 1.0):
+                   ptx: dict | None = None, share: float = 1.0, ptx_share: float = 1.0,
+                   part: str = BOTH_PASSES):
     """(loss, stats). loss = share·(a·policy loss + vf_coef·value loss) + ptx_share·ptx_coef·SFT loss,
     with a = 0 during critic warm-up, the value loss only with a critic and the SFT loss (on
     the `ptx` batch) only with ptx. With one process and one micro-batch a minibatch, both
-    shares are 1 (see `_share`)."""
-    outputs = wrapped(rows.input_ids, rows.attention_mask, rows.prompt_width, rows.tokens, ptx=ptx)
+    shares are 1 (see `_share`).
+
+    `part` (see `Arrangement.forward`): ACTOR_PASS gives the terms of the actor's log-probs
+    (policy and SFT losses), CRITIC_PASS the value loss alone; their sum is the BOTH_PASSES
+    loss, and each trainable weight gets its gradient from one of the two."""
+    outputs = wrapped(rows.input_ids, rows.attention_mask, rows.prompt_width, rows.tokens, ptx=ptx,
+                      part=part)
     logp, values, entropy = outputs[:3]
     mask = rows.response_mask
+    terms, stats = [], {}
     aggregate, _ = aggregation(ppo.loss_aggregation, ppo.max_new_tokens)  # DAPO / Dr. GRPO keys
-    pg, pg_stats = policy_loss(logp, rows.old_logprobs, rows.advantages, mask, ppo.clip_low,
-                               clip_range_high=ppo.clip_high, dual_clip=ppo.dual_clip, aggregate=aggregate)
-    # During critic warm-up the actor term is kept at weight 0 so that every trainable
-    # parameter stays in the graph (DDP expects that) while only the critic learns.
-    rl_loss = (1.0 if train_actor else 0.0) * _actor_loss(pg, aggregate(entropy, mask), ppo)
-    stats = {"policy_loss": float(pg.detach()),
-             "entropy": float(masked_mean(entropy.detach(), mask)),
-             "clip_frac": float(pg_stats["clip_frac"]), "approx_kl": float(pg_stats["approx_kl"])}
-    if ppo.dual_clip is not None:
-        stats["dual_clip_frac"] = float(pg_stats["dual_clip_frac"])
+    if logp is not None:
+        pg, pg_stats = policy_loss(logp, rows.old_logprobs, rows.advantages, mask, ppo.clip_low,
+                                   clip_range_high=ppo.clip_high, dual_clip=ppo.dual_clip,
+                                   aggregate=aggregate)
+        # During critic warm-up the actor term is kept at weight 0 so that every trainable
+        # parameter stays in the graph (DDP expects that) while only the critic learns.
+        terms.append((1.0 if train_actor else 0.0) * _actor_loss(pg, aggregate(entropy, mask), ppo))
+        stats.update(policy_loss=float(pg.detach()), entropy=float(masked_mean(entropy.detach(), mask)),
+                     clip_frac=float(pg_stats["clip_frac"]), approx_kl=float(pg_stats["approx_kl"]))
+        if ppo.dual_clip is not None:
+            stats["dual_clip_frac"] = float(pg_stats["dual_clip_frac"])
     if values is not None:
         vf, vf_stats = value_loss(values, rows.old_values, rows.returns, mask, ppo.clip_range_value,
                                   aggregate=aggregate)
-        rl_loss = rl_loss + vf_coef * vf
+        terms.append(vf_coef * vf)
         stats.update(value_loss=float(vf.detach()), vf_clip_frac=float(vf_stats["vf_clip_frac"]))
-    loss = share * rl_loss
+    loss = share * sum(terms[1:], terms[0])
     if ptx is not None:
         loss = loss + ptx_share * ppo.ptx_coef * outputs[3]
         stats["ptx_loss"] = float(outputs[3].detach())
@@ -101,35 +111,76 @@ def _bad(loss: torch.Tensor, backend) -> bool:
     return float(backend.all_reduce_sum(flag)[0]) > 0
 
 
+@dataclasses.dataclass(frozen=True)
+class _Passes:
+    """What every micro-batch of one minibatch runs: its forward/backward passes (BOTH_PASSES,
+    or ACTOR_PASS then CRITIC_PASS where the critic runs apart) and the loss settings."""
+
+    wrapped: torch.nn.Module
+    ppo: PPOSection
+    backend: object
+    vf_coef: float
+    train_actor: bool
+    parts: tuple[str, ...]
+
+
+def _run_passes(run: _Passes, rows: Experience, ptx: dict | None, share: float, ptx_share: float,
+                last_micro_batch: bool) -> tuple[list[dict], bool] | None:
+    """One micro-batch's passes, each a forward and its backward: ([stats of each pass], any
+    loss NaN/inf), or None where a NaN/inf loss must stop the update before its backward.
+
+    Apart (1base-2lora), the actor pass (policy and SFT terms) is backpropagated, freeing its
+    activations, before the critic pass (value loss) runs its forward: only one body's
+    activations are alive at a time. Each weight gets its gradient from one pass only, so the
+    gradients are those of the summed loss of one pass. The backends accumulate both
+    backwards into one micro-batch (`accumulating(partial=...)`, `backward(last_pass=...)`).
+    """
+    backend, found_bad, stats_of_passes = run.backend, False, []
+    apart = len(run.parts) > 1
+    for part in run.parts:
+        last_pass = part == run.parts[-1]
+        with backend.accumulating(not (last_micro_batch and last_pass), partial=apart), backend.autocast():
+            loss, stats = minibatch_loss(run.wrapped, rows, run.ppo, run.vf_coef, run.train_actor,
+                                         None if part == CRITIC_PASS else ptx, share, ptx_share, part)
+            if _bad(loss, backend):
+                if not backend.can_skip_steps:
+                    return None  # DeepSpeed would apply it: never call its backward
+                found_bad = True
+            backend.backward(loss, last_pass=last_pass)
+        del loss  # the pass's graph and activations go before the next pass's forward
+        stats_of_passes.append(stats)
+    return stats_of_passes, found_bad
+
+
 def minibatch_update(wrapped, experience: Experience, index: torch.Tensor, ptx: dict | None, ppo: PPOSection,
-                     backend, vf_coef: float, train_actor: bool, totals: dict) -> tuple[bool, float]:
+                     backend, vf_coef: float, train_actor: bool, totals: dict,
+                     critic_apart: bool = False) -> tuple[bool, float]:
     """One optimizer step on one minibatch, a micro-batch at a time; (applied, grad norm).
 
     Every micro-batch's forward and backward run (DDP expects each backward; only the last
     one synchronises gradients), then the step is taken or, when any loss was NaN/inf,
     dropped. DeepSpeed applies the update inside its backward, so there a NaN/inf loss
     stops before its backward. The stats are added to `totals`, weighted by token share,
-    only for an applied step.
+    only for an applied step. With `critic_apart` (the arrangement's: 1base-2lora) each
+    micro-batch runs as an actor pass then a critic pass (`_run_passes`).
     """
     pieces = index.split(ppo.micro_batch_size or ppo.mini_batch_size)
     _, units = aggregation(ppo.loss_aggregation)  # tokens, or responses (DAPO / Dr. GRPO)
     minibatch_tokens = _global_tokens(experience.response_mask[index], backend, units)
     ptx_parts = _split_ptx(ptx, len(pieces))
     ptx_tokens = _global_tokens(_ptx_tokens(ptx), backend) if ptx is not None else None
+    parts = (ACTOR_PASS, CRITIC_PASS) if critic_apart else (BOTH_PASSES,)
+    run = _Passes(wrapped, ppo, backend, vf_coef, train_actor, parts)
     bad, weighted = False, []
     for i, (rows_index, ptx_part) in enumerate(zip(pieces, ptx_parts, strict=True)):
         rows = experience.select(rows_index)
         share = _share(rows.response_mask, minibatch_tokens, backend, units)
         ptx_share = _share(_ptx_tokens(ptx_part), ptx_tokens, backend) if ptx_part is not None else 1.0
-        with backend.accumulating(i < len(pieces) - 1), backend.autocast():
-            loss, stats = minibatch_loss(wrapped, rows, ppo, vf_coef, train_actor, ptx_part, share, ptx_share)
-            if _bad(loss, backend):
-                if not backend.can_skip_steps:
-                    return False, float("nan")  # DeepSpeed would apply it: never call its backward
-                bad = True
-            backend.backward(loss)
-        del loss
-        weighted.append((stats, share, ptx_share))
+        done = _run_passes(run, rows, ptx_part, share, ptx_share, i == len(pieces) - 1)
+        if done is None:
+            return False, float("nan")
+        bad = bad or done[1]
+        weighted += [(stats, share, ptx_share) for stats in done[0]]
     if bad:  # as the shared loop does: every backward ran, then the gradients are dropped
         backend.skip_step()
         return False, float("nan")
@@ -151,12 +202,14 @@ class PPOUpdate:
     from iteration `ppo.critic_warmup_steps` on, and numbers its updates from
     `index · updates_per_iteration` (update u's ptx batch is `ptx_batches(u)`). Each update is
     recorded in `bad_steps` (engine/bad_steps.BadSteps); `ema` (ema.ActorEMA) follows every
-    applied one.
+    applied one. `critic_apart`: the arrangement's (actor and critic in passes of their own).
     """
 
     def __init__(self, wrapped, ppo: PPOSection, backend, scheduler, *, vf_coef: float,
-                 updates_per_iteration: int = 1, seed: int = 0, ptx_batches=None, bad_steps=None, ema=None):
+                 updates_per_iteration: int = 1, seed: int = 0, ptx_batches=None, bad_steps=None, ema=None,
+                 critic_apart: bool = False):
         self.wrapped, self.ppo, self.backend, self.scheduler = wrapped, ppo, backend, scheduler
+        self.critic_apart = critic_apart
         self.vf_coef, self.updates_per_iteration, self.seed = vf_coef, updates_per_iteration, seed
         self.ptx_batches, self.bad_steps, self.ema = ptx_batches, bad_steps, ema
 
@@ -191,7 +244,7 @@ class PPOUpdate:
     def _minibatch(self, experience: Experience, index: torch.Tensor, ptx: dict | None, train_actor: bool,
                    totals: dict) -> tuple[bool, float]:
         return minibatch_update(self.wrapped, experience, index, ptx, self.ppo, self.backend,
-                                self.vf_coef, train_actor, totals)
+                                self.vf_coef, train_actor, totals, self.critic_apart)
 
     def _means(self, totals: dict, count: int, grad_norm: float, experience: Experience,
                train_actor: bool) -> dict:
