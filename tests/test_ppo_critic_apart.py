@@ -86,7 +86,9 @@ def test_actor_and_critic_apart_give_the_summed_update(case, rm_run, rlhf_home):
     apart = one_step(recipe, arrangement, experience, ptx, train_actor, apart=True)
     (grads, weights, stats), (want_grads, want_weights, want_stats) = apart, together
     assert grads.keys() == want_grads.keys()
-    assert {n for n in grads if ".critic." in n} and {n for n in grads if ".default." in n}
+    assert {n for n in grads if ".critic." in n}
+    # During critic warm-up the actor's gradients are dropped before the step (stages/ppo/warmup.py)
+    assert bool({n for n in grads if ".default." in n}) == train_actor
     assert any(n.startswith("value_head") for n in grads)
     for name, grad in want_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=0, atol=TOL, msg=name)
