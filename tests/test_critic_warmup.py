@@ -64,7 +64,10 @@ def assert_warmup_update(arrangement, update, experience, index: int) -> dict:
     return stats
 
 
-@pytest.mark.parametrize("kind", ARRANGEMENTS)
+# The default suite keeps the two one-base arrangements (the shared adapter, the second adapter);
+# the two-model ones (the same update code, ~45 s each on a loaded machine) run with the slow tests.
+@pytest.mark.parametrize("kind", [k if k.startswith("1base") else pytest.param(k, marks=pytest.mark.slow)
+                                  for k in ARRANGEMENTS])
 def test_warmup_trains_the_critic_alone(kind, rlhf_home):
     recipe, arrangement, experience, backend, scheduler, ptx = warm_setup(kind)
     vf = arrangement.vf_coef
