@@ -14,7 +14,8 @@ from pathlib import Path
 from ..schema import Recipe
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsLogger
-from .progress import TrainingProgress, console
+from .plots import plot_run
+from .progress import TrainingProgress, console, say
 from .reduce import global_sums
 from .stage import StageParts
 from .stop import StopRequest, TrainingInterrupted
@@ -122,3 +123,12 @@ def run_stage(recipe: Recipe, backend, run_dir: Path, parts: StageParts, resume:
     if resume:
         runner.resume()
     return runner.run()
+
+
+def finish_run(backend, run_dir: Path, final: Path, last_eval: dict) -> dict:
+    """After final/ is written: the curves, one line saying where both are, and the run's
+    summary for run.json (the last evaluation's numbers)."""
+    if backend.is_main:
+        plot = plot_run(run_dir)
+        say(backend, f"saved {final}" + (f"; curves in {plot}" if plot else ""))
+    return {k: v for k, v in last_eval.items() if k not in ("step", "split")}

@@ -18,10 +18,8 @@ from ..data.loaders import load_ranked
 from ..data.ranked import pad_ranked
 from ..engine.final_model import save_final_model
 from ..engine.loop import StageData, StageTask, Trainer
-from ..engine.plots import plot_run
-from ..engine.progress import say
 from ..engine.run_dir import FINAL
-from ..engine.runner import run_stage
+from ..engine.runner import finish_run, run_stage
 from ..engine.scoring import policy_scorer
 from ..models.lm_forward import sequence_logprobs
 from ..models.policy import policy_model, tokenizer_for
@@ -86,7 +84,4 @@ def run_rrhf(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> di
     trainer = Trainer(recipe, task, backend)
     last_eval = run_stage(recipe, backend, run_dir, trainer.parts(), resume)
     final = save_final_model(backend, trainer.model, lambda m: m.lm, tokenizer, run_dir / FINAL)
-    if backend.is_main:
-        plot = plot_run(run_dir)
-        say(backend, f"saved {final}" + (f"; curves in {plot}" if plot else ""))
-    return {k: v for k, v in last_eval.items() if k not in ("step", "split")}
+    return finish_run(backend, run_dir, final, last_eval)

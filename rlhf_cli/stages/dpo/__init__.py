@@ -18,10 +18,9 @@ from ...algorithms.preference import DPOFamilyLoss, preference_loss
 from ...data.loaders import load_pairs
 from ...engine.final_model import save_final_model
 from ...engine.loop import StageData, StageTask, Trainer
-from ...engine.plots import plot_run
 from ...engine.progress import say
 from ...engine.run_dir import FINAL
-from ...engine.runner import run_stage
+from ...engine.runner import finish_run, run_stage
 from ...engine.scoring import policy_scorer
 from ...engine.stage import StageParts
 from ...models.policy import tokenizer_for
@@ -91,7 +90,4 @@ def run_dpo(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dic
         model, parts = _offline_parts(recipe, tokenizer, backend)
     last_eval = run_stage(recipe, backend, run_dir, parts, resume)
     final = save_final_model(backend, model, lambda m: m.lm, tokenizer, run_dir / FINAL)
-    if backend.is_main:
-        plot_run(run_dir)
-        say(backend, f"saved {final}")
-    return {k: v for k, v in last_eval.items() if k not in ("step", "split")}
+    return finish_run(backend, run_dir, final, last_eval)

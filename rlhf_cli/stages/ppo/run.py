@@ -23,12 +23,11 @@ from ...engine.batching import GlobalBatches
 from ...engine.judge import function_judge, model_judge
 from ...engine.memory import memory_metrics
 from ...engine.optim import build_scheduler
-from ...engine.plots import plot_run
 from ...engine.progress import say
 from ...engine.reduce import global_sums
 from ...engine.rollout import decode_responses, sample, seed_sampling_stream
 from ...engine.run_dir import FINAL
-from ...engine.runner import run_stage
+from ...engine.runner import finish_run, run_stage
 from ...engine.scoring import make_task_scorer
 from ...engine.stage import StageParts
 from ...models.arrangement_build import build_arrangement
@@ -171,7 +170,4 @@ def run_ppo(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dic
     ppo = PPO(recipe, run_dir, backend)
     last_eval = run_stage(recipe, backend, run_dir, ppo.parts(), resume)
     final = save_ppo_final(backend, ppo.wrapped, ppo.tokenizer, Path(run_dir) / FINAL, ppo.ema)
-    if backend.is_main:
-        plot_run(run_dir)
-        say(backend, f"saved {final}")
-    return {k: v for k, v in last_eval.items() if k not in ("step", "split")}
+    return finish_run(backend, run_dir, final, last_eval)

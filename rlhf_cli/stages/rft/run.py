@@ -28,10 +28,9 @@ from ...engine.loop import StageData, diverged
 from ...engine.memory import memory_metrics
 from ...engine.metrics import MetricWindow
 from ...engine.optim import build_optimizer, build_scheduler
-from ...engine.plots import plot_run
 from ...engine.progress import say
 from ...engine.run_dir import FINAL
-from ...engine.runner import run_stage
+from ...engine.runner import finish_run, run_stage
 from ...engine.scoring import policy_scorer
 from ...engine.stage import StageParts
 from ...engine.train_step import train_step
@@ -168,7 +167,4 @@ def run_rft(recipe: Recipe, run_dir: Path, backend, resume: bool = False) -> dic
     rft = RFT(recipe, run_dir, backend)
     last_eval = run_stage(recipe, backend, run_dir, rft.parts(), resume)
     final = save_final_model(backend, rft.model, lambda m: m.lm, rft.tokenizer, Path(run_dir) / FINAL)
-    if backend.is_main:
-        plot = plot_run(run_dir)
-        say(backend, f"saved {final}" + (f"; curves in {plot}" if plot else ""))
-    return {k: v for k, v in last_eval.items() if k not in ("step", "split")}
+    return finish_run(backend, run_dir, final, last_eval)
