@@ -29,6 +29,13 @@ TRAINING_ONLY = {
                               "model.dtype); mixed precision is a training setting",
 }
 
+NumProcessesOpt = Annotated[int | None, typer.Option(
+    "--num-processes", help="Ranks (torchrun); each samples its share. Shorthand for "
+    "--set launch.num_processes=N.")]
+LaunchSetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="A launch key, as in a recipe: `--set launch.num_machines=2` (repeatable; "
+    "launcher, num_processes, num_machines, machine_rank, main_process_ip, main_process_port, cpu).")]
+
 
 def generate(
     model: Annotated[str, typer.Option("--model", help="A run directory (LoRA: base + adapter) or a "
@@ -52,13 +59,8 @@ def generate(
         "data.max_length - max_new_tokens).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 8,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    num_processes: Annotated[int | None, typer.Option("--num-processes", help="Ranks (torchrun); each "
-                                                      "samples its share. Shorthand for "
-                                                      "--set launch.num_processes=N.")] = None,
-    sets: Annotated[list[str] | None, typer.Option(
-        "--set", "-s", help="A launch key, as in a recipe: `--set launch.num_machines=2` (repeatable; "
-        "launcher, num_processes, num_machines, machine_rank, main_process_ip, main_process_port, "
-        "cpu).")] = None,
+    num_processes: NumProcessesOpt = None,
+    sets: LaunchSetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run into "
                                          "the same --out.")] = False,
     debug: DebugOpt = False,
