@@ -21,6 +21,20 @@ from .errors import EXIT_USER_ERROR, UserError
 from .stages.generate.settings import GenerateSettings
 
 INTERRUPTED = 130
+# Launch keys that mean something only for training, and why `rlhf generate` refuses them.
+TRAINING_ONLY = {
+    "launch.deepspeed": "rlhf generate only samples: each rank holds the whole model, and "
+                        "DeepSpeed's sharding is for training state",
+    "launch.mixed_precision": "rlhf generate samples in the model's own dtype (the run's "
+                              "model.dtype); mixed precision is a training setting",
+}
+
+NumProcessesOpt = Annotated[int | None, typer.Option(
+    "--num-processes", help="Ranks (torchrun); each samples its share. Shorthand for "
+    "--set launch.num_processes=N.")]
+LaunchSetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="A launch key, as in a recipe: `--set launch.num_machines=2` (repeatable; "
+    "launcher, num_processes, num_machines, machine_rank, main_process_ip, main_process_port, cpu).")]
 
 
 def generate(
@@ -45,8 +59,8 @@ def generate(
         "data.max_length - max_new_tokens).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 8,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    num_processes: Annotated[int, typer.Option("--num-processes", help="Ranks (torchrun); each "
-                                               "samples its share.")] = 1,
+    num_processes: NumProcessesOpt = None,
+    sets: LaunchSetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run into "
                                          "the same --out.")] = False,
     debug: DebugOpt = False,
@@ -65,26 +79,46 @@ def generate(
         template=template, max_prompt_length=max_prompt_length, batch_size=batch_size, seed=seed)
     code = 0
     try:
-        code = run_generate(settings, resume=resume, num_processes=num_processes, debug=debug)
+        launch = generate_launch(sets or [], num_processes)
+        code = run_generate(settings, resume=resume, launch=launch, debug=debug)
     except UserError as exc:
         fail(exc, debug)
     if code:
         raise typer.Exit(code)
 
 
-def run_generate(settings: GenerateSettings, *, resume: bool, num_processes: int, debug: bool) -> int:
+def generate_launch(sets: list[str], num_processes: int | None):
+    """The launch section from `--set launch.KEY=VALUE` and `--num-processes`, checked as a
+    recipe's launch keys are; keys that only mean something for training are refused."""
+    from .config import build_section, parse_override
+    from .schema import LaunchSection
+
+    for text in sets:
+        key = parse_override(text)[0]
+        if key in TRAINING_ONLY:
+            raise UserError(TRAINING_ONLY[key], where=f"--set {key}")
+    if num_processes is not None:
+        given = [parse_override(t)[1] for t in sets if parse_override(t)[0] == "launch.num_processes"]
+        if any(value != num_processes for value in given):
+            raise UserError(f"{num_processes} disagrees with --set launch.num_processes={given[-1]}: "
+                            "give one", where="--num-processes")
+        if num_processes < 1:
+            raise UserError(f"must be at least 1, got {num_processes}", where="--num-processes")
+        sets = [*sets, f"launch.num_processes={num_processes}"]
+    return build_section(LaunchSection, sets, "launch")
+
+
+def run_generate(settings: GenerateSettings, *, resume: bool, launch, debug: bool) -> int:
     """0 once OUT holds every prompt's row; 130 when interrupted (rows so far are kept)."""
     from .stages.generate import shards
 
     settings.check()
-    if num_processes < 1:
-        raise UserError(f"must be at least 1, got {num_processes}", where="--num-processes")
     fresh = not shards.parts_dir(settings.out).is_dir()
     if not shards.start(settings, resume):
         typer.echo(f"{settings.out} is complete: nothing to do", err=True)
         return 0
     try:
-        code = _run_ranks(settings, num_processes, debug)
+        code = _run_ranks(settings, launch, debug)
     except UserError:
         if fresh:  # bad input: a fresh run leaves nothing behind
             shards.discard(settings)
@@ -100,8 +134,12 @@ def run_generate(settings: GenerateSettings, *, resume: bool, num_processes: int
     return code
 
 
-def _run_ranks(settings: GenerateSettings, num_processes: int, debug: bool) -> int:
-    if num_processes == 1:
+def _run_ranks(settings: GenerateSettings, launch, debug: bool) -> int:
+    from . import launcher
+
+    if launch.cpu:  # before torch is imported, here and in the launched ranks (they inherit it)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if not launcher.needs_launcher(launch):
         from .quiet import quiet_libraries
 
         quiet_libraries()
@@ -112,12 +150,10 @@ def _run_ranks(settings: GenerateSettings, num_processes: int, debug: bool) -> i
         except KeyboardInterrupt:
             return INTERRUPTED
         return 0
-    from . import launcher
-    from .schema import LaunchSection
     from .stages.generate.shards import SETTINGS, parts_dir
 
-    argv = launcher.worker_argv(LaunchSection(num_processes=num_processes),
-                                str(parts_dir(settings.out) / SETTINGS), resume=False, module=__name__)
+    argv = launcher.worker_argv(launch, str(parts_dir(settings.out) / SETTINGS), resume=False,
+                                module=__name__)
     typer.echo(f"launching: {launcher.format_argv(argv)}", err=True)
     return run_ignoring_ctrl_c(launcher.run, argv)
 

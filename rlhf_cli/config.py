@@ -153,6 +153,25 @@ def apply_override(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def build_section(cls: type, overrides: list[str], prefix: str) -> Any:
+    """One recipe section from `--set PREFIX.KEY=VALUE` overrides alone, typed and checked as in a
+    recipe (for a command without a recipe: `rlhf generate`'s launch keys); another key is an error.
+    The section's `problems` must not read the recipe (it gets None)."""
+    data, overridden = {}, set()
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, name = key.partition(".")
+        if section != prefix or not name:
+            raise UserError(f"only `{prefix}.KEY=VALUE` can be set here", where=f"--set {key}")
+        apply_override(data, name, value)
+        overridden.add(key)
+    loc = _Located("--set", {}, overridden)
+    built = _build_section(cls, data, prefix, loc)
+    for key, message in itertools.chain(_field_problems(built, prefix + "."), built.problems(None)):
+        raise UserError(message, where=loc.where(key))
+    return built
+
+
 # ------------------------------------------------------------------ validation
 
 

@@ -65,8 +65,11 @@ class RFTSection:
         if self.select != "threshold" and self.threshold is not None:
             yield "rft.threshold", f"only select: threshold reads it (select is {self.select})"
         yield from self._round_size_problems(recipe)
-        if recipe.launch.num_processes * recipe.launch.num_machines > 1:
-            yield "launch.num_processes", "rlhf rft runs in one process for now: set launch.num_processes: 1"
+        processes = recipe.launch.num_processes * recipe.launch.num_machines
+        if self.prompts_per_round % processes:
+            # Equal shares: every rank makes the same number of generate calls (ZeRO-3 needs it).
+            yield ("rft.prompts_per_round", f"each of the {processes} processes samples an equal share: "
+                   f"make it a multiple of {processes}, got {self.prompts_per_round}")
 
     def _round_size_problems(self, recipe: Recipe) -> Problems:
         """Each round's SFT steps must be known before it starts (the schedule spans them all)."""
@@ -75,7 +78,8 @@ class RFTSection:
         if kept is None and train.max_steps is None:
             yield ("train.max_steps", "select: threshold keeps a different number of samples each round: "
                    "set train.max_steps (SFT steps per round)")
-        global_batch = train.batch_size * train.grad_accum
+        launch = recipe.launch
+        global_batch = train.batch_size * train.grad_accum * launch.num_processes * launch.num_machines
         if kept is not None and train.max_steps is None and kept < global_batch:
             yield ("train.batch_size", f"a round keeps {kept} samples, fewer than one batch "
                    f"({global_batch}): lower train.batch_size or set train.max_steps")

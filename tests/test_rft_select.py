@@ -97,6 +97,7 @@ def test_kept_samples_are_trained_as_sampled_and_survive_a_checkpoint(tmp_path):
     ("rft.select=threshold", "rft.threshold", "select: threshold keeps every sample scored at or above it"),
     ("rft.reward_fn=null", "rft", "needs a judge: set `rft.reward_model` or `rft.reward_fn`"),
     ("rft.samples_per_prompt=0", "rft.samples_per_prompt", "must be >= 1, got 0"),
+    ("launch.num_processes=3", "rft.prompts_per_round", "each of the 3 processes samples an equal share"),
 ])
 def test_bad_rft_recipes_are_one_error_line(setting, key, text, rlhf_home, tmp_path):
     proc = rlhf("rft", "--recipe", str(REPO / "recipes" / "tiny-rft.yaml"), "--set", setting, "-o", "run",

@@ -76,6 +76,14 @@ class Backend:
         torch.distributed.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank (pickled: small data only)."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
 
 def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
     """What DDP's all-reduce does, by hand: every gradient averaged over the processes (one

@@ -23,15 +23,17 @@ class Samples:
     scores: list[float]
 
 
-def sample_and_score(lm, prompts: list[dict], tokenizer, rft: RFTSection, judge, device) -> Samples:
+def sample_and_score(lm, prompts: list[dict], tokenizer, rft: RFTSection, judge, device,
+                     synced: bool = False) -> Samples:
     """Each prompt sampled `rft.samples_per_prompt` times, `rft.sample_batch_size` responses
     per generate call, each batch scored by the judge as it comes (make_judge's judges refuse a
     wrong count of scores and NaN/inf ones)."""
-    examples = [p for p in prompts for _ in range(rft.samples_per_prompt)]
+    examples = [p for p in prompts for _ in range(rft.samples_per_prompt)]  # as sample_round rebuilds them
     policy = PlainPolicy(lm)
     out = Samples(examples, [], [], [])
     for start in range(0, len(examples), rft.sample_batch_size):
-        rollout = sample(policy, examples[start:start + rft.sample_batch_size], tokenizer, rft, device)
+        rollout = sample(policy, examples[start:start + rft.sample_batch_size], tokenizer, rft, device,
+                         synced)
         responses = decode_responses(rollout, tokenizer)
         scores = judge(rollout, responses)
         out.responses += responses
@@ -39,6 +41,43 @@ def sample_and_score(lm, prompts: list[dict], tokenizer, rft: RFTSection, judge,
                                                                    strict=True)]
         out.scores += scores.tolist()
     return out
+
+
+def rank_share(prompts: list, rank: int, world_size: int) -> list:
+    """The round's prompts this rank samples: every `world_size`-th, from its rank."""
+    return prompts[rank::world_size]
+
+
+def merge_shares(shares: list[Samples], group: int) -> Samples:
+    """The ranks' samples (rank order, each from `rank_share`) back in the round's order:
+    prompt j's `group` samples are those of rank j % W, at its position j // W."""
+    world = len(shares)
+    prompts = sum(len(s.scores) for s in shares) // group
+    out = Samples([], [], [], [])
+    for j in range(prompts):
+        share, rows = shares[j % world], slice((j // world) * group, (j // world + 1) * group)
+        out.examples += share.examples[rows]
+        out.responses += share.responses[rows]
+        out.response_ids += share.response_ids[rows]
+        out.scores += share.scores[rows]
+    return out
+
+
+def sample_round(lm, prompts: list[dict], tokenizer, rft: RFTSection, judge, backend) -> Samples:
+    """The whole round's samples on every rank: each rank samples and scores its share, and
+    the shares are gathered, so that the selection sees the whole round, the same on every rank."""
+    mine = rank_share(prompts, backend.rank, backend.world_size)
+    samples = sample_and_score(lm, mine, tokenizer, rft, judge, backend.device,
+                               synced=backend.world_size > 1)
+    if backend.world_size == 1:
+        return samples
+    # Only the sampled texts, tokens and scores travel (the prompt examples are each rank's own,
+    # and not all of them pickle); each share's examples are rebuilt from the round's prompts.
+    gathered = backend.all_gather_object((samples.responses, samples.response_ids, samples.scores))
+    group, world = rft.samples_per_prompt, backend.world_size
+    shares = [Samples([p for p in rank_share(prompts, rank, world) for _ in range(group)], *texts)
+              for rank, texts in enumerate(gathered)]
+    return merge_shares(shares, group)
 
 
 def kept_indices(samples: Samples, rft: RFTSection) -> list[int]:

@@ -9,6 +9,9 @@ Every round has the same number of steps (`train.max_steps`, or `train.epochs` o
 kept samples where `rft.select` fixes their number), so the schedule spans the whole run.
 Checkpoints carry the round's kept samples (a named part), so `--resume` mid-round trains on
 the same samples; prompts and batches are functions of the round and step numbers.
+Several processes: each rank samples and scores an equal share of the round's prompts, the
+shares are gathered (round.py: sample_round) so that every rank selects the same samples from
+the whole round, and the round's SFT steps are data-parallel like `rlhf sft`'s.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ...engine.memory import memory_metrics
 from ...engine.metrics import MetricWindow
 from ...engine.optim import build_optimizer, build_scheduler
 from ...engine.progress import say
+from ...engine.rollout import seed_sampling_stream
 from ...engine.run_dir import FINAL
 from ...engine.runner import finish_run, run_stage
 from ...engine.scoring import policy_scorer
@@ -38,15 +42,16 @@ from ...errors import UserError
 from ...models.policy import policy_model, tokenizer_for
 from ...models.sft_objective import SFTObjective, sft_loss, trained_tokens
 from ...schema import Recipe
-from .round import kept_indices, round_metrics, sample_and_score
+from .round import kept_indices, round_metrics, sample_round
 from .rounds import KeptSamples, RoundFiles, kept_example
 
 
 def steps_per_round(recipe: Recipe) -> int:
-    train, kept = recipe.train, recipe.rft.kept_per_round()
+    train, kept, launch = recipe.train, recipe.rft.kept_per_round(), recipe.launch
     if train.max_steps is not None:
         return train.max_steps
-    return max(1, math.ceil(train.epochs * (kept // (train.batch_size * train.grad_accum))))
+    global_batch = train.batch_size * train.grad_accum * launch.num_processes * launch.num_machines
+    return max(1, math.ceil(train.epochs * (kept // global_batch)))
 
 
 class RFT:
@@ -73,6 +78,9 @@ class RFT:
         self.window = MetricWindow()
         self.bad_steps = BadSteps(self.train.max_bad_steps, backend.can_skip_steps, diverged)
         self.scorer = policy_scorer(recipe, self.tokenizer, backend)
+        if backend.world_size > 1:
+            # A stream of its own per rank (one process keeps the run's seed, and its figures).
+            seed_sampling_stream(self.train.seed, backend.rank)
         self._round_data: tuple[int, StageData, GlobalBatches] | None = None
         self._seconds = 0.0  # training seconds since the last row
 
@@ -110,7 +118,7 @@ class RFT:
         tic = time.perf_counter()
         prompts = [self.prompts[i] for i in self.prompt_batches.micro_batches(round_index)[0]]
         lm = self.backend.unwrap(self.model).lm
-        samples = sample_and_score(lm, prompts, self.tokenizer, self.rft, self.judge, self.backend.device)
+        samples = sample_round(lm, prompts, self.tokenizer, self.rft, self.judge, self.backend)
         kept = kept_indices(samples, self.rft)
         self.kept.set(round_index, [kept_example(samples.examples[i]["prompt_input_ids"],
                                                  samples.response_ids[i]) for i in kept])
@@ -126,14 +134,14 @@ class RFT:
         """The round's kept examples as SFT data; a round that kept fewer than one batch repeats
         them to fill it (each as often as the others)."""
         if self._round_data is None or self._round_data[0] != round_index:
-            examples, train = self.kept.examples, self.train
-            size = train.batch_size * train.grad_accum
+            examples, train, world = self.kept.examples, self.train, self.backend.world_size
+            size = train.batch_size * train.grad_accum * world
             pool = examples * -(-size // len(examples))
             data = StageData(train_examples=pool, batch_weight=trained_tokens, loss_fn=sft_loss,
                              collate=partial(pad_batch, pad_token_id=self.tokenizer.pad_token_id))
             # A different order each round, fixed by the seed and the round number.
-            batches = GlobalBatches(len(pool), train.batch_size, train.grad_accum, 1, 0,
-                                    train.seed + 7919 * (round_index + 1))
+            batches = GlobalBatches(len(pool), train.batch_size, train.grad_accum, world,
+                                    self.backend.rank, train.seed + 7919 * (round_index + 1))
             self._round_data = (round_index, data, batches)
         return self._round_data[1], self._round_data[2]
 
