@@ -74,8 +74,7 @@ def _device_map() -> dict:
 
 def after_quantized_load(model) -> None:
     """Settle a freshly loaded quantized base: detach it from its checkpoint files, hand the
-    loader's freed heap back, turn off bitsandbytes' CPU inference repacking, and let its CPU
-    4-bit linears dequantize into shared buffers (`buffered_4bit`)."""
+    loader's freed heap back, and turn off bitsandbytes' CPU inference repacking."""
     if quantization_of(model) is None:
         return
     _own_unquantized_tensors(model)
@@ -83,10 +82,6 @@ def after_quantized_load(model) -> None:
 
     release_freed_memory()
     _no_cpu_inference_repacking(model)
-    if getattr(model, "is_loaded_in_4bit", False):
-        from .buffered_4bit import use_buffered_linear4bit
-
-        use_buffered_linear4bit(model)
 
 
 def _own_unquantized_tensors(model) -> None:
