@@ -60,3 +60,28 @@ def test_the_generate_bench_refuses_empty_counts():
     assert bench_generate.parse_args([]).model == "small"
     with pytest.raises(SystemExit):
         bench_generate.parse_args(["--n", "0"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_the_phase_trace_finds_a_phase_peak_and_keeps_it_in_the_enclosing_phase(monkeypatch):
+    import trace_phases
+
+    import rlhf_cli.stages.ppo.run as run
+    import rlhf_cli.stages.ppo.update as update
+
+    tracer = trace_phases.Tracer()
+    tracer.enter("outer")
+    tracer.enter("inner")
+    block = b"\1" * (64 * 2**20)  # written, so resident; freed before the phases end
+    del block
+    tracer.leave()
+    tracer.leave()
+    inner, outer = tracer.records
+    assert inner["peak"] - inner["rss_out"] >= 60 and outer["peak"] >= inner["peak"]
+    # Every phase it wraps is still where PPO looks it up (restored after the test).
+    targets = [(run, "sample"), (run, "make_experience"), (update, "minibatch_loss"), (update, "_run_passes"),
+               (update, "minibatch_update"), (run.PPO, "score"), (run.PPO, "iteration")]
+    for owner, name in targets:
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    trace_phases.instrument(tracer)
+    assert all(getattr(owner, name).__wrapped__ for owner, name in targets)
