@@ -53,27 +53,41 @@ def test_resume_with_the_ppo_max_tricks_equals_an_uninterrupted_run(rlhf_home, t
 
 
 PPO_MAX_ITERATIONS = 30
+LEARNING_SEEDS = (42, 2)
+MARGIN = 0.03
 
 
-def _greedy_scores(out: str, work_dir, sft, recipe: str) -> dict[int, float]:
+def _greedy_scores(out: str, work_dir, sft, recipe: str, seed: int) -> dict[int, float]:
     proc = rlhf("ppo", "--recipe", str(REPO / "recipes" / recipe), "-o", out, "--set", f"model.base={sft}",
                 "--set", f"train.max_steps={PPO_MAX_ITERATIONS}", "--set", "train.eval_every=null",
-                "--set", "train.save_every=null", cwd=work_dir, timeout=900)
+                "--set", "train.save_every=null", "--set", f"train.seed={seed}", cwd=work_dir, timeout=900)
     assert proc.returncode == 0, proc.stderr
     rows = read_jsonl(work_dir / out / "metrics.jsonl")
     return {r["step"]: r["score"] for r in rows if r.get("split") == "eval"}
 
 
+def _gain(scores: dict[int, float]) -> float:
+    return scores[PPO_MAX_ITERATIONS] - scores[0]
+
+
 @pytest.mark.slow
 def test_ppo_max_learns_at_least_as_well_as_the_default(work, sft_base):  # noqa: F811
     """30 iterations of tiny-ppo-max and of the recipe it extends (tiny-ppo-1base-2lora), from
-    the same 30-step SFT model: the greedy held-out score rises with PPO-max, by at least the
-    default's rise less 0.03. Measured from 0.453: default +0.136 / +0.208 / +0.207 and PPO-max
-    +0.142 / +0.202 / +0.158 with seeds 42 (this test) / 1 / 2; PPO-max without the advantage
-    clip, seed 2: +0.170. About as well as the default, not better, on this task."""
-    default = _greedy_scores("default-1base-2lora", work, sft_base, "tiny-ppo-1base-2lora.yaml")
-    ppo_max = _greedy_scores("ppo-max", work, sft_base, "tiny-ppo-max.yaml")
-    assert default[0] == ppo_max[0]  # the same start
-    gain, default_gain = ppo_max[PPO_MAX_ITERATIONS] - ppo_max[0], default[PPO_MAX_ITERATIONS] - default[0]
-    print(f"greedy score: default {default}, PPO-max {ppo_max}")
-    assert gain > 0.05 and gain >= default_gain - 0.03, (default, ppo_max)
+    the same 30-step SFT model, with seeds 42 (the recipes') and 2 (where the earlier recipe
+    lagged, 0.612 vs 0.661): PPO-max raises the greedy held-out score at each seed, and its mean
+    gain over the two seeds is at least the default's less MARGIN. The mean, not each seed: at
+    seed 2 any one trick added to the default, or the default with a different path, ends at
+    0.59-0.63 against 0.661 (figures in recipes/tiny-ppo-max.yaml and the closing note); one
+    seed moves by ~0.05, two seeds' mean by less. Measured from 0.453: default 0.589 / 0.661,
+    PPO-max 0.679 / 0.610."""
+    gains: dict[str, list[float]] = {"default": [], "ppo-max": []}
+    for seed in LEARNING_SEEDS:
+        default = _greedy_scores(f"default-{seed}", work, sft_base, "tiny-ppo-1base-2lora.yaml", seed)
+        ppo_max = _greedy_scores(f"ppo-max-{seed}", work, sft_base, "tiny-ppo-max.yaml", seed)
+        assert default[0] == ppo_max[0]  # the same start
+        print(f"seed {seed}: greedy score default {default}, PPO-max {ppo_max}")
+        gains["default"].append(_gain(default))
+        gains["ppo-max"].append(_gain(ppo_max))
+    assert min(gains["ppo-max"]) > 0.05, gains
+    mean = {name: sum(g) / len(g) for name, g in gains.items()}
+    assert mean["ppo-max"] >= mean["default"] - MARGIN, gains

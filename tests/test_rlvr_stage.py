@@ -120,8 +120,11 @@ def test_dynamic_sampling_keeps_informative_groups_until_the_batch_is_full():
     assert rollout.prompts == [f"p{k}" for k in informative for _ in range(G)]
     assert responses == [f"r{k}" for k in informative for _ in range(G)]
     assert scores.tolist() == [1.0, 0.0] * 4
+    # frac_reward_zero_std: the share of every group drawn (all rounds) that scored flat
+    flat = len([k for k in drawn if k % 3]) / len(drawn)
     assert metrics == {"prompts_drawn": 4.0 * len(sampler.calls), "groups_kept": 4.0,
-                       "sampling_rounds": len(sampler.calls)}
+                       "sampling_rounds": len(sampler.calls), "frac_reward_zero_std": flat}
+    assert 0 < flat < 1
     # the rows are laid out as `sample` lays them: prompts left-padded, responses right-padded
     width = rollout.prompt_width
     assert width == 1 + len(sampler.calls)
@@ -142,7 +145,27 @@ def test_dynamic_sampling_fills_with_dropped_groups_after_the_last_round():
     kept = [k for k in own if k % 3 == 0]
     order = kept + [k for k in own if k % 3]
     assert rollout.prompts == [f"p{k}" for k in order for _ in range(G)]
-    assert metrics == {"prompts_drawn": 4.0, "groups_kept": float(len(kept)), "sampling_rounds": 1}
+    assert metrics == {"prompts_drawn": 4.0, "groups_kept": float(len(kept)), "sampling_rounds": 1,
+                       "frac_reward_zero_std": (len(own) - len(kept)) / len(own)}
+
+
+def test_frac_reward_zero_std_counts_the_scores_the_advantages_see():
+    """Without dynamic sampling, over the trained batch; a group whose raw scores tie but whose
+    no-EOS penalty differs has signal (its grpo advantages are not 0), so it does not count."""
+    from types import SimpleNamespace
+
+    from rlhf_cli.algorithms.ppo import grpo_advantages
+    from rlhf_cli.stages.ppo.bookkeeping import rollout_means
+
+    ppo = PPOSection(reward_fn="m:f", advantage="grpo", samples_per_prompt=G, no_eos_penalty=-0.5)
+    raw, ended = t(1, 1, 0, 0, 1, 1), torch.tensor([True, False, True, True, True, True])
+    shaped = shape_scores(raw, ended, ppo, None)
+    assert grpo_advantages(shaped, G)[:2].abs().min() > 0.5  # the first group carries signal
+    rollout = SimpleNamespace(input_ids=torch.zeros(6, 3), response_mask=torch.ones(6, 2), ended=ended)
+    experience = SimpleNamespace(rewards=shaped, kl_per_response=torch.zeros(6))
+    means = rollout_means(rollout, raw, experience, ppo, OneProcess(None, None))
+    assert means["frac_reward_zero_std"] == pytest.approx(2 / 3)  # groups 2 and 3; raw scores: 3 of 3
+    assert means["score"] == pytest.approx(4 / 6)  # the logged score stays the raw one
 
 
 def test_extra_prompts_are_a_function_of_iteration_and_round():

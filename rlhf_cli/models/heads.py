@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..algorithms.ppo import entropy_from_logits
+from .checkpointed_head import checkpointed_logprobs_and_entropy
 from .decoder import decoder_states, inner_causal_lm
 from .lm_forward import frozen_head, frozen_head_logprobs, selected_logits, shifted_targets
 from .logits import require_head
@@ -31,17 +32,21 @@ def token_logprobs_and_entropy(model, states, tokens, temperature: float, with_e
                                entropy_grad: bool = False):
     """log π(token) [B, R] (and entropy [B, R], a statistic) from the states that predict `tokens`,
     equal to log_softmax(model(...).logits / T): the head, then the family's logit transform.
-    With `entropy_grad` (PPO-max's entropy bonus) the entropy takes a gradient too, through
-    autograd's path: the [B, R, V] logits are then held.
+    With `entropy_grad` (PPO-max's entropy bonus) the entropy takes a gradient too.
 
     A frozen head (LoRA) goes chunk by chunk and never holds the [B, R, V] logits
-    (models/lm_forward.py); a trainable or ZeRO-3-partitioned head takes autograd's path.
+    (models/lm_forward.py; with the entropy's gradient, models/checkpointed_head.py); a
+    trainable or ZeRO-3-partitioned head takes autograd's path, which holds them.
     A model whose logits are not its head's (models/logits.py) is an error: these states also
     feed the value head, so there is no full-forward fallback here.
     """
     transform = require_head(model, STAGE).transform
     head = inner_causal_lm(model).get_output_embeddings()
-    if frozen_head(head) and not (with_entropy and entropy_grad):
+    if frozen_head(head) and with_entropy and entropy_grad:
+        logp, entropy = checkpointed_logprobs_and_entropy(states.flatten(0, 1), head, tokens.flatten(),
+                                                          temperature, transform)
+        return logp.view(tokens.shape), entropy.view(tokens.shape)
+    if frozen_head(head):
         logp, entropy = frozen_head_logprobs(states.flatten(0, 1), head, tokens.flatten(), temperature,
                                              with_entropy, transform)
         return logp.view(tokens.shape), (entropy.view(tokens.shape) if with_entropy else None)

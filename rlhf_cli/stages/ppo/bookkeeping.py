@@ -33,16 +33,17 @@ class Phases:
 
 
 def rollout_means(rollout: Rollout, scores: torch.Tensor, experience: Experience, ppo, backend) -> dict:
-    """Means over every process's responses: score, KL, length, share without EOS (and, for
-    grpo/rloo, the share of prompts whose samples all scored the same: no signal); `responses`:
-    how many there were."""
+    """Means over every process's responses: score (raw), KL, length, share without EOS (and, for
+    grpo/rloo, `frac_reward_zero_std`: the share of prompts whose samples all got the same shaped
+    score, the one the advantages see: no signal); `responses`: how many there were. With dynamic
+    sampling that share comes from dynamic_sampling.py instead (over every group sampled)."""
     responses = rollout.input_ids.shape[0]
     sums = {"score": float(scores.sum()), "kl": float(experience.kl_per_response.sum()),
             "response_length": float(rollout.response_mask.sum(dim=1).sum()),
             "no_eos_share": float((~rollout.ended).sum()), "responses": float(responses)}
-    if ppo.estimator.group_relative:
+    if ppo.estimator.group_relative and not ppo.dynamic_sampling:
         prompts = responses // ppo.samples_per_prompt
-        sums["zero_std_prompts"] = zero_std_share(scores, ppo.samples_per_prompt) * prompts
+        sums["zero_std_prompts"] = zero_std_share(experience.rewards, ppo.samples_per_prompt) * prompts
     totals = global_sums(backend, sums)
     count = totals["responses"]
     means = {k: totals[k] / max(count, 1.0) for k in ("score", "kl", "response_length", "no_eos_share")}

@@ -12,6 +12,10 @@ and sample more prompts until every process has `ppo.rollout_batch_size` such gr
   with dropped groups (advantage 0 with grpo/rloo), so that every batch has the same size.
 - "Scored the same" is judged on the scores the advantages see (shape_scores: EOS and overlong
   penalties, clipping).
+- `frac_reward_zero_std` (as trl's GRPO logs it: the share of groups with no signal) counts
+  every group sampled this iteration, in all rounds and processes, before the filter: how much
+  of the sampling the filter threw away. The trained batch's share would be 0 by construction
+  whenever the batch filled.
 """
 
 from __future__ import annotations
@@ -81,11 +85,13 @@ class DynamicSampling:
 
     def __call__(self, index: int) -> tuple[Rollout, torch.Tensor, list[str], dict]:
         group, target = self.ppo.samples_per_prompt, self.ppo.rollout_batch_size
-        kept, dropped, rounds = [], [], 0
+        kept, dropped, rounds, flat = [], [], 0, 0
         while rounds < self.ppo.max_sampling_rounds:
             rollout = self.sample_prompts([self.prompts[i] for i in self.prompt_indices(index, rounds)])
             scores, responses = self.score(rollout, index)
-            rows = self._informative(rollout, scores).repeat_interleave(group).to(scores.device)
+            informative = self._informative(rollout, scores)
+            flat += int((~informative).sum())
+            rows = informative.repeat_interleave(group).to(scores.device)
             for pile, wanted in ((kept, rows), (dropped, ~rows)):
                 pile.append((select_rows(rollout, wanted), scores[wanted],
                              [r for r, w in zip(responses, wanted.tolist(), strict=True) if w]))
@@ -99,5 +105,7 @@ class DynamicSampling:
         scores = torch.cat([s for _, s, _ in pieces])[: target * group]
         responses = [r for _, _, rs in pieces for r in rs][: target * group]
         totals = global_sums(self.backend, {"prompts_drawn": float(rounds * target),
-                                            "groups_kept": float(min(kept_groups, target))})
-        return batch, scores, responses, {**totals, "sampling_rounds": rounds}
+                                            "groups_kept": float(min(kept_groups, target)),
+                                            "flat_groups": float(flat)})
+        share = totals.pop("flat_groups") / max(totals["prompts_drawn"], 1.0)
+        return batch, scores, responses, {**totals, "sampling_rounds": rounds, "frac_reward_zero_std": share}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...algorithms.advantages import informative_groups
 from ...algorithms.kl import kl_estimate, kl_k1
 from ...algorithms.overlong import soft_overlong_penalty
 from ...algorithms.ppo import estimate_advantages
@@ -115,5 +116,4 @@ def with_advantages(experience: Experience, ppo: PPOSection, kl_coef: float, bac
 
 def zero_std_share(scores: torch.Tensor, group_size: int) -> float:
     """Share of this batch's prompts whose samples all scored the same (no group signal)."""
-    groups = scores.float().view(-1, group_size)
-    return float((groups.max(dim=1).values == groups.min(dim=1).values).float().mean())
+    return 1.0 - float(informative_groups(scores.float(), group_size).float().mean())
