@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-from cli_helpers import REPO
 from families import build_family, save_family
 from safetensors.torch import load_file
 from test_families_e2e import SFT, assert_merged_equals_adapter, run_ppo, run_rm, sft_data
@@ -43,6 +42,32 @@ def test_auto_adapts_every_expert_weight_and_not_the_router(family):
         assert not any(p.requires_grad for p in router.parameters())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sum(".experts." in n for n in trainable) == 2 * len(experts)  # lora_A and lora_B each
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_expert_lora_disables_for_the_reference_and_takes_a_second_adapter(family):
+    """What PPO's one-base arrangements need of peft's ParamWrapper: `disable_adapter()` gives
+    the base's own logits (the reference), and a second adapter on the same expert parameters
+    (1base-2lora's critic) is used only when active."""
+    import copy
+
+    ids = torch.randint(4, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = build_family(family)(ids).logits
+    model = add_lora(build_family(family), LoraSection(r=4, dropout=0.0))
+    model.add_adapter("critic", copy.deepcopy(model.peft_config["default"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name and ".experts." in name:  # only the experts' LoRA is non-zero
+                param.normal_(0.0, 0.1)
+        policy = model(ids).logits
+        with model.disable_adapter():
+            torch.testing.assert_close(model(ids).logits, plain, atol=1e-5, rtol=0)
+        model.set_adapter("critic")
+        critic = model(ids).logits
+        model.set_adapter("default")
+        torch.testing.assert_close(model(ids).logits, policy, atol=0, rtol=0)
+    assert (policy - plain).abs().max() > 1e-2 and (critic - policy).abs().max() > 1e-2
 
 
 def test_auto_on_a_dense_family_is_unchanged():
@@ -97,4 +122,18 @@ def test_ppo_one_base_arrangements_train_the_experts(family, in_process, tmp_pat
         assert len(lora_b) == 4 and all(v.abs().max() > 0 for v in lora_b), arrangement
 
 
-assert (REPO / "recipes" / "tiny-ppo-1base-2lora.yaml").is_file()
+
+def test_dense_layers_named_like_old_experts_are_reported(capfd):
+    """A Qwen3-MoE whose first layer is a dense MLP (`mlp_only_layers`): peft's transformers-4
+    mapping reads its gate/up/down_proj as expert names and gives them no LoRA; one line says so."""
+    import transformers as tf
+    from families import FAMILIES
+
+    config = FAMILIES["qwen3_moe"]()
+    config.mlp_only_layers = [0]
+    model = add_lora(tf.AutoModelForCausalLM.from_config(config), LoraSection(r=4, dropout=0.0))
+    assert set(model.targeted_parameter_names) == {"model.layers.1.mlp.experts.gate_up_proj",
+                                                   "model.layers.1.mlp.experts.down_proj"}
+    assert not any(".mlp." in name for name in model.targeted_module_names)  # peft dropped them
+    out = capfd.readouterr()
+    assert "peft maps down_proj, gate_proj, up_proj to the MoE experts of qwen3_moe" in out.out + out.err

@@ -9,7 +9,7 @@ import torch
 from ..errors import UserError
 from ..schema import LoraSection, ModelSection
 from .logits import say_once
-from .lora_targets import auto_targets
+from .lora_targets import auto_targets, remapped_by_peft
 from .quantization import after_quantized_load, quantized_load_kwargs
 from .remote_code import check_trust, refusal
 
@@ -158,10 +158,19 @@ def _expert_dropout(dropout: float) -> float:
 def add_lora(model, section: LoraSection, task_type: str = "CAUSAL_LM", modules_to_save=None):
     from peft import get_peft_model
 
+    config = lora_config(section, task_type, modules_to_save, model)
+    targets = config.target_modules  # peft edits the config in place as it injects
+    requested = targets if isinstance(targets, str) else set(targets)
     try:
-        return get_peft_model(model, lora_config(section, task_type, modules_to_save, model))
+        peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"model.lora.target_modules: {_first_line(exc)}") from None
+    lost = remapped_by_peft(requested, peft_model.peft_config[peft_model.active_adapter])
+    if lost:
+        say_once(f"lora.target_modules: auto: peft maps {', '.join(lost)} to the MoE experts of "
+                 f"{model.config.model_type} (its transformers-4 names): layers of theirs outside the "
+                 "experts get no LoRA")
+    return peft_model
 
 
 def is_quantized(config) -> bool:

@@ -57,7 +57,7 @@ def _routers(model, experts: set[int]) -> set[str]:
         if not holds_experts:
             continue
         for child_name, child in children.items():
-            if _is_linear(child) and child.weight.shape[0] in experts:
+            if _is_linear(child) and _shape(child.weight)[0] in experts:
                 routers.add(f"{name}.{child_name}" if name else child_name)
     return routers
 
@@ -85,3 +85,13 @@ def auto_targets(model) -> tuple[list[str] | str, list[str]]:
     if not experts:
         return "all-linear", []
     return linear_targets(model, experts), sorted(experts)
+
+
+def remapped_by_peft(requested: set[str] | str, config) -> list[str]:
+    """Linear targets peft dropped while injecting: its transformers-4 compatibility mapping
+    for MoE families (peft.utils.transformers_weight_conversion) reads names such as
+    `gate_proj`/`up_proj`/`down_proj` as the old per-expert layers and turns them into expert
+    parameter targets, so a dense MLP or shared expert with those names gets no LoRA."""
+    if isinstance(requested, str) or not config.target_parameters:
+        return []
+    return sorted(set(requested) - set(config.target_modules or ()))
