@@ -27,7 +27,10 @@ def expert_names(model) -> set[str]:
 
 
 @pytest.mark.parametrize("family", MOE)
-def test_auto_adapts_every_expert_weight_and_not_the_router(family):
+def test_auto_adapts_every_expert_weight_and_not_the_router(family, capfd, monkeypatch):
+    from rlhf_cli.models import logits
+
+    monkeypatch.setattr(logits, "_SAID", set())  # the dropout line is said once per process
     base = build_family(family)
     experts = expert_names(base)
     assert {n.rsplit(".", 2)[-2:][0] for n in experts} == {"experts"} and len(experts) == 4  # 2 layers x 2
@@ -35,6 +38,8 @@ def test_auto_adapts_every_expert_weight_and_not_the_router(family):
     assert set(model.targeted_parameter_names) == experts
     config = model.peft_config["default"]
     assert config.lora_dropout == 0.0  # peft's LoRA on parameters has no dropout: the adapter's is 0
+    out = capfd.readouterr()
+    assert "lora.dropout 0.05 -> 0: LoRA on the MoE experts" in out.out + out.err
     assert not config.rank_pattern  # peft's v4 -> v5 conversion (rank 2r on gate_up_proj) did not run
     for layer in model.get_base_model().model.layers:
         router = layer.mlp.gate
