@@ -131,7 +131,7 @@ def head_path(model) -> HeadPath:
         lm.__dict__[_VERDICT] = verdict
         if not verdict.exact:
             say_once(f"{model_name(lm)}: {verdict.reason}; log-probs use the model's full forward "
-                      "(no head-only speed-up)")
+                     "(no head-only speed-up)")
     return verdict
 
 
