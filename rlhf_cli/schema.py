@@ -28,7 +28,8 @@ class LoraSection:
     alpha: int = above(32, 0)
     dropout: float = 0.05
     # "auto" = every linear layer of the transformer blocks (peft's "all-linear"),
-    # which finds the right names for LLaMA, Mistral, GPT-2, ... without a table.
+    # which finds the right names for LLaMA, Mistral, GPT-2, ... without a table; plus the
+    # stacked expert weights of MoE blocks (models/lora_targets.py).
     target_modules: list[str] | str = "auto"
     bias: str = "none"
 

@@ -164,8 +164,8 @@ def test_the_families_cover_tied_and_untied_heads_and_their_transforms_matter():
 
 
 # Leaf names `auto` must adapt: attention (fused QKV included) and MLP (fused gate_up included).
-# MoE families: the experts are 3-D parameters in transformers 5, not linear layers, so `auto`
-# adapts their attention only (and never the router).
+# MoE families: the experts are 3-D parameters in transformers 5, not linear layers: `auto` gives
+# them LoRA as parameters (tests/test_moe_lora.py); the linear layers it adapts are the attention's.
 ATTENTION_MLP = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 LORA_TARGETS = {
     **{name: ATTENTION_MLP for name in FAMILIES},

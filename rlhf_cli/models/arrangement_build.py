@@ -141,7 +141,7 @@ def _two_base(recipe: Recipe, actor, rm_dir, critic: bool) -> Arrangement:
                        linear_head_from(head, False))
     if rm_dir is None:  # reward function: the second base is the policy's, with a fresh critic
         body = load_causal_lm(recipe.model)
-        rm_body = get_peft_model(body, lora_config(recipe.model.lora), adapter_name=CRITIC)
+        rm_body = get_peft_model(body, lora_config(recipe.model.lora, model=body), adapter_name=CRITIC)
         return TwoBase(actor, rm_body, zero_head(body.config.hidden_size), None)
     rm_body, head = peft_with_rm_adapter(_load_rm_base(recipe, adapter_base(rm_dir)), rm_dir, CRITIC,
                                          trainable=True)

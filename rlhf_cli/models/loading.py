@@ -8,6 +8,8 @@ import torch
 
 from ..errors import UserError
 from ..schema import LoraSection, ModelSection
+from .logits import say_once
+from .lora_targets import auto_targets, remapped_by_peft
 from .quantization import after_quantized_load, quantized_load_kwargs
 from .remote_code import check_trust, refusal
 
@@ -123,32 +125,52 @@ def enable_gradient_checkpointing(model) -> None:
     model.config.use_cache = False
 
 
-def lora_config(section: LoraSection, task_type: str = "CAUSAL_LM", modules_to_save=None):
+def lora_config(section: LoraSection, task_type: str = "CAUSAL_LM", modules_to_save=None, model=None):
+    """peft's LoraConfig for `section`; `model` lets `auto` find MoE experts (lora_targets.py)."""
     from peft import LoraConfig
 
-    targets = section.target_modules
+    targets, parameters, dropout = section.target_modules, [], section.dropout
     if targets == "auto":
-        targets = "all-linear"
+        targets, parameters = auto_targets(model)
+        dropout = _expert_dropout(section.dropout) if parameters else dropout
     elif isinstance(targets, str) and targets != "all-linear":
         targets = [targets]  # peft reads a bare string as a regex over full module names
     return LoraConfig(
         r=section.r,
         lora_alpha=section.alpha,
-        lora_dropout=section.dropout,
+        lora_dropout=dropout,
         target_modules=targets,
+        target_parameters=parameters or None,
         bias=section.bias,
         task_type=task_type,
         modules_to_save=modules_to_save,
     )
 
 
+def _expert_dropout(dropout: float) -> float:
+    """0: peft's LoRA on expert parameters has no dropout, and an adapter has only one."""
+    if dropout:
+        say_once(f"lora.dropout {dropout} -> 0: LoRA on the MoE experts (lora.target_modules: auto) "
+                 "has no dropout in peft; list lora.target_modules to keep it without the experts")
+    return 0.0
+
+
 def add_lora(model, section: LoraSection, task_type: str = "CAUSAL_LM", modules_to_save=None):
     from peft import get_peft_model
 
+    config = lora_config(section, task_type, modules_to_save, model)
+    targets = config.target_modules  # peft edits the config in place as it injects
+    requested = targets if isinstance(targets, str) else set(targets)
     try:
-        return get_peft_model(model, lora_config(section, task_type, modules_to_save))
+        peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"model.lora.target_modules: {_first_line(exc)}") from None
+    lost = remapped_by_peft(requested, peft_model.peft_config[peft_model.active_adapter])
+    if lost:
+        say_once(f"lora.target_modules: auto: peft maps {', '.join(lost)} to the MoE experts of "
+                 f"{model.config.model_type} (its transformers-4 names): layers of theirs outside the "
+                 "experts get no LoRA")
+    return peft_model
 
 
 def is_quantized(config) -> bool:

@@ -130,15 +130,15 @@ def head_path(model) -> HeadPath:
         verdict = _in_eval_mode(lm, lambda: _probe(lm))
         lm.__dict__[_VERDICT] = verdict
         if not verdict.exact:
-            _say_once(f"{model_name(lm)}: {verdict.reason}; log-probs use the model's full forward "
-                      "(no head-only speed-up)")
+            say_once(f"{model_name(lm)}: {verdict.reason}; log-probs use the model's full forward "
+                     "(no head-only speed-up)")
     return verdict
 
 
 _SAID: set[str] = set()  # a policy and its reference copy are one message, not two
 
 
-def _say_once(text: str) -> None:
+def say_once(text: str) -> None:
     import torch.distributed as dist
 
     if text not in _SAID and (not dist.is_initialized() or dist.get_rank() == 0):
