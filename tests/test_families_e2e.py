@@ -157,10 +157,10 @@ def test_sft_then_merge_gives_a_plain_model_with_the_adapters_logits(family, bas
     assert_merged_equals_adapter(tmp_path / "sft", tmp_path / "merged", base_dir, family)
 
 
-def run_rm(in_process, base_dir: str, tmp_path: Path) -> None:
+def run_rm(in_process, base_dir: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> None:
     # data.eval stays (a small held-out set): `rlhf rm` without one fails today (issue 11 item 9).
     args = ["rm", "--recipe", str(REPO / "recipes" / "tiny-rm.yaml"), "--set", f"model.base={base_dir}",
-            *TWO_STEPS, "-o", "rm"]
+            *TWO_STEPS, *extra, "-o", "rm"]
     assert in_process(*args) == 0  # Cohere/Granite: the causal LM's body + our score head
     assert_finite_rows(tmp_path / "rm", ("loss", "accuracy"))
     assert_final_adapter(tmp_path / "rm")
@@ -177,11 +177,11 @@ def run_dpo(in_process, base_dir: str, tmp_path: Path) -> None:
     assert_final_adapter(tmp_path / "dpo")
 
 
-def run_ppo(in_process, base_dir: str, arrangement: str, tmp_path: Path) -> None:
+def run_ppo(in_process, base_dir: str, arrangement: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> None:
     # The reward is the RM trained on this base (run_rm): a frozen adapter + head on the policy's base.
     args = ["ppo", "--recipe", str(REPO / "recipes" / f"tiny-ppo-{arrangement}.yaml"),
             "--set", f"model.base={base_dir}", "--set", "ppo.reward_fn=null",
-            "--set", f"ppo.reward_model={tmp_path / 'rm'}", *PPO_SMALL, "-o", arrangement]
+            "--set", f"ppo.reward_model={tmp_path / 'rm'}", *PPO_SMALL, *extra, "-o", arrangement]
     assert in_process(*args) == 0
     rows = assert_finite_rows(tmp_path / arrangement,
                               ("score", "kl", "loss", "policy_loss", "value_loss", "entropy", "approx_kl"))

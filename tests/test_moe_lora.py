@@ -142,3 +142,36 @@ def test_dense_layers_named_like_old_experts_are_reported(capfd):
     assert not any(".mlp." in name for name in model.targeted_module_names)  # peft dropped them
     out = capfd.readouterr()
     assert "peft maps down_proj, gate_proj, up_proj to the MoE experts of qwen3_moe" in out.out + out.err
+
+
+@pytest.mark.slow
+def test_qlora_on_a_moe_base_trains_the_experts_and_merges(in_process, tmp_path):
+    """A 4-bit Mixtral: bitsandbytes quantizes the attention's linears, the stacked experts stay in
+    model.dtype and get LoRA through peft's ParamWrapper; SFT moves them, merge-lora writes a full
+    model with the adapter's logits (its own check, to 1e-3 as for every QLoRA merge), and PPO's
+    1base-2lora runs on the same 4-bit base."""
+    from rlhf_cli.models.quantization import QUANTIZATION_FILE, bitsandbytes_installed
+
+    if not bitsandbytes_installed():
+        pytest.skip("bitsandbytes is not installed")
+    base_dir = str(save_family("mixtral", tmp_path / "base"))
+    quantized = ("--set", "model.quantization=4bit", "--set", "model.dtype=bf16")
+    args = [*SFT, *quantized, "--set", f"model.base={base_dir}", "--set", f"data.train={sft_data(tmp_path)}",
+            "-o", "sft"]
+    assert in_process(*args) == 0
+    assert json.loads((tmp_path / "sft" / "final" / QUANTIZATION_FILE).read_text())["load_in_4bit"]
+    lora_b = [v for k, v in expert_lora(tmp_path / "sft" / "final").items() if "lora_B" in k]
+    assert len(lora_b) == 4 and all(v.abs().max() > 0 for v in lora_b)
+    assert in_process("merge-lora", "sft", "--out", "merged") == 0
+    from transformers import AutoModelForCausalLM
+
+    base = dict(AutoModelForCausalLM.from_pretrained(base_dir).named_parameters())
+    merged = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").named_parameters())
+    assert merged.keys() == base.keys()  # a plain full-precision model: nothing packed, no LoRA
+    assert not (tmp_path / "merged" / QUANTIZATION_FILE).exists()
+    for name in expert_names(build_family("mixtral")):
+        assert (merged[name] - base[name]).abs().max() > 1e-3, name
+    run_rm(in_process, base_dir, tmp_path, extra=quantized)
+    run_ppo(in_process, base_dir, "1base-2lora", tmp_path, extra=quantized)
+    lora_b = [v for k, v in expert_lora(tmp_path / "1base-2lora" / "final").items() if "lora_B" in k]
+    assert len(lora_b) == 4 and all(v.abs().max() > 0 for v in lora_b)
