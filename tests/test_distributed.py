@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from distributed_helpers import zero3_every_weight_sharded
 
 from rlhf_cli.errors import UserError
 
@@ -137,16 +138,6 @@ def test_zero2_resume_continues_the_same_run(runs, zero2):
     assert sorted(train_losses(out)) == list(range(1, STEPS + 1))
     assert_same_losses(out, zero2, steps=range(3, STEPS + 1))
     assert_same_adapter(out, zero2)
-
-
-def zero3_every_weight_sharded(runs: Path) -> Path:
-    """The ZeRO-3 preset with a persistence threshold of 0: the preset's 1e5 elements exceed
-    every weight of the tiny model, which would then stay whole on every rank."""
-    config = json.loads((REPO / ZERO3).read_text())
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = runs / "zero3-sharded.json"
-    path.write_text(json.dumps(config))
-    return path
 
 
 @two_ranks

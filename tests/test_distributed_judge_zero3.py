@@ -10,17 +10,17 @@ the token ids of every scored prompt + response and the score the judge gave it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from cli_helpers import REPO, read_jsonl, rlhf
+from distributed_helpers import probe_env, write_probe, zero3_every_weight_sharded
 from test_rft_round import independent_rm
 
 PROBE = '''\
-import importlib.abc, importlib.util, json, os, sys
+import json, os
 
 
 def _log(rows):
@@ -55,28 +55,6 @@ def _patch_rft(module):
 
 PATCHES = {"rlhf_cli.stages.ppo.run": _patch_ppo, "rlhf_cli.stages.rft.round": _patch_rft}
 
-
-class _PatchAfterImport(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name not in PATCHES:
-            return None
-        sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            sys.meta_path.insert(0, self)
-        exec_module = spec.loader.exec_module
-
-        def run(module):
-            exec_module(module)
-            PATCHES[name](module)
-
-        spec.loader.exec_module = run
-        return spec
-
-
-if os.environ.get("RLHF_PROBE_LOG"):
-    sys.meta_path.insert(0, _PatchAfterImport())
 '''
 
 
@@ -99,54 +77,38 @@ def assert_scored_as_the_rm_itself(log: Path, rm_run: Path, per_rank: int) -> No
         assert abs(rm_score(rm, rows[0]["ids"]) - rows[0]["score"]) > 1e-3
 
 
-def zero3_every_weight_sharded(work: Path) -> Path:
-    """The preset with a persistence threshold of 0 (its 1e5 keeps the tiny model's weights whole)."""
-    config = json.loads((REPO / "recipes" / "deepspeed" / "zero3.json").read_text())
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = work / "zero3-sharded.json"
-    path.write_text(json.dumps(config))
-    return path
+def run_probed(tmp_path: Path, stage: str, recipe: str, settings: list[str]) -> None:
+    """`rlhf STAGE` on 2 ZeRO-3 processes (every weight sharded) with the scoring probe on."""
+    sharded = zero3_every_weight_sharded(tmp_path)
+    settings = [*settings, "launch.num_processes=2", f"launch.deepspeed={sharded}"]
+    args = [stage, "--recipe", str(REPO / "recipes" / recipe), "-o", "run"]
+    for setting in settings:
+        args += ["--set", setting]
+    env = probe_env(write_probe(tmp_path / "probe", PROBE), tmp_path / "scored", str(REPO))
+    proc: subprocess.CompletedProcess = rlhf(*args, cwd=tmp_path, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_rm_adapter_on_a_zero3_policy_scores_as_the_rm_itself(rlhf_home, rm_run, tmp_path):
-    (tmp_path / "probe").mkdir()
-    (tmp_path / "probe" / "sitecustomize.py").write_text(PROBE)
-    settings = ["model.base=builtin:tiny", "ppo.reward_fn=null", f"ppo.reward_model={rm_run}",
-                "launch.num_processes=2", f"launch.deepspeed={zero3_every_weight_sharded(tmp_path)}",
-                "train.max_steps=2", "train.log_every=1", "train.eval_every=null", "train.save_every=null",
-                "train.eval_reward_fn=null", "data.eval=null", "ppo.rollout_batch_size=4",
-                "ppo.mini_batch_size=4", "ppo.ppo_epochs=1", "ppo.max_new_tokens=6"]
-    args = ["ppo", "--recipe", str(REPO / "recipes" / "tiny-ppo-1base-1lora.yaml"), "-o", "run"]
-    for setting in settings:
-        args += ["--set", setting]
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "probe"), str(REPO)]),
-           "RLHF_PROBE_LOG": str(tmp_path / "scored")}
-    proc: subprocess.CompletedProcess = rlhf(*args, cwd=tmp_path, env=env, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_probed(tmp_path, "ppo", "tiny-ppo-1base-1lora.yaml", [
+        "model.base=builtin:tiny", "ppo.reward_fn=null", f"ppo.reward_model={rm_run}",
+        "train.max_steps=2", "train.log_every=1", "train.eval_every=null", "train.save_every=null",
+        "train.eval_reward_fn=null", "data.eval=null", "ppo.rollout_batch_size=4",
+        "ppo.mini_batch_size=4", "ppo.ppo_epochs=1", "ppo.max_new_tokens=6"])
     assert json.loads((tmp_path / "run" / "run.json").read_text())["world_size"] == 2
     assert_scored_as_the_rm_itself(tmp_path / "scored", rm_run, per_rank=2 * 4)  # 2 iterations x 4
-
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_rm_adapter_on_a_zero3_rft_policy_scores_as_the_rm_itself(rlhf_home, rm_run, tmp_path):
     """The same through make_judge (rft's judge): the RM adapter on the sharded SFT policy."""
-    (tmp_path / "probe").mkdir()
-    (tmp_path / "probe" / "sitecustomize.py").write_text(PROBE)
-    settings = ["model.base=builtin:tiny", "rft.reward_fn=null", f"rft.reward_model={rm_run}",
-                "launch.num_processes=2", f"launch.deepspeed={zero3_every_weight_sharded(tmp_path)}",
-                "rft.rounds=1", "rft.prompts_per_round=4", "rft.samples_per_prompt=2", "rft.max_new_tokens=6",
-                "rft.sample_batch_size=4", "train.batch_size=1", "train.max_steps=1", "train.save_every=null",
-                "train.eval_reward_fn=null", "data.eval=null"]
-    args = ["rft", "--recipe", str(REPO / "recipes" / "tiny-rft.yaml"), "-o", "run"]
-    for setting in settings:
-        args += ["--set", setting]
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "probe"), str(REPO)]),
-           "RLHF_PROBE_LOG": str(tmp_path / "scored")}
-    proc: subprocess.CompletedProcess = rlhf(*args, cwd=tmp_path, env=env, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_probed(tmp_path, "rft", "tiny-rft.yaml", [
+        "model.base=builtin:tiny", "rft.reward_fn=null", f"rft.reward_model={rm_run}",
+        "rft.rounds=1", "rft.prompts_per_round=4", "rft.samples_per_prompt=2", "rft.max_new_tokens=6",
+        "rft.sample_batch_size=4", "train.batch_size=1", "train.max_steps=1", "train.save_every=null",
+        "train.eval_reward_fn=null", "data.eval=null"])
     assert len(read_jsonl(tmp_path / "run" / "rounds" / "round-1.jsonl")) == 4  # best of each prompt
     assert_scored_as_the_rm_itself(tmp_path / "scored", rm_run, per_rank=2 * 2)  # 2 prompts x 2 each

@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from distributed_helpers import probe_env, write_probe, zero3_every_weight_sharded
 
 REPO = Path(__file__).resolve().parent.parent
 ITERATIONS = 3
@@ -56,11 +57,8 @@ LAUNCHES = ("ddp", "zero2", "zero3")
 PROBE = '''\
 """Test probe, active with RLHF_PROBE_LOG: per PPO rollout, the all-gathers, the model
 forwards inside generate(), and the generation model's sharded (ZeRO-3) weights."""
-import importlib.abc
-import importlib.util
 import json
 import os
-import sys
 
 state = {"active": False, "gathers": 0, "forwards": 0}
 
@@ -115,30 +113,6 @@ def _patch_rollout(module):
 PATCHES = {"deepspeed.comm": _patch_distributed, "transformers.generation.utils": _patch_generate,
            "rlhf_cli.engine.rollout": _patch_rollout}
 
-
-class _PatchAfterImport(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name not in PATCHES:
-            return None
-        sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            sys.meta_path.insert(0, self)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def run(module):
-            exec_module(module)
-            PATCHES[name](module)
-
-        spec.loader.exec_module = run
-        return spec
-
-
-if os.environ.get("RLHF_PROBE_LOG"):
-    sys.meta_path.insert(0, _PatchAfterImport())
 '''
 
 
@@ -191,13 +165,8 @@ def reward_model(work, sft_base) -> Path:
 def zero3_sharded(work) -> Path:
     """The ZeRO-3 preset with every weight sharded (its 1e5-element persistence threshold is
     larger than any weight of the tiny model, which would then never be partitioned)."""
-    config = json.loads((REPO / "recipes/deepspeed/zero3.json").read_text())
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = work / "zero3-sharded.json"
-    path.write_text(json.dumps(config))
-    (work / "probe").mkdir(exist_ok=True)
-    (work / "probe" / "sitecustomize.py").write_text(PROBE)
-    return path
+    write_probe(work / "probe", PROBE)
+    return zero3_every_weight_sharded(work)
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +192,7 @@ def ppo_runs(work, sft_base, reward_model, zero3_sharded):
             settings.append(f"launch.deepspeed={ZERO2}")
         if launch.startswith("zero3"):
             settings.append(f"launch.deepspeed={zero3_sharded}")
-            env = {"PYTHONPATH": os.pathsep.join([str(work / "probe"), os.environ.get("PYTHONPATH", "")]),
-                   "RLHF_PROBE_LOG": str(out / "probe")}
+            env = probe_env(work / "probe", out / "probe", os.environ.get("PYTHONPATH", ""))
         recipe = f"recipes/tiny-ppo-{arrangement}.yaml"
         done[arrangement, launch] = rlhf("ppo", recipe, out, *settings, env=env)
         return done[arrangement, launch]
