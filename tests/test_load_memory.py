@@ -76,20 +76,104 @@ def test_a_4bit_base_from_the_bf16_copy_equals_one_quantized_from_the_fp32_file(
                        _from_fp32_file(torch.bfloat16, quantization_config=config))
 
 
-@needs_bnb
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-def test_a_quantized_base_keeps_none_of_its_checkpoint_mapped(rlhf_home, tmp_path):
-    """A checkpoint stored in the run's dtype (as users' bf16 shards are): the weights left
-    unquantized would be views of the mapped files and keep every page the quantizer read
-    resident (713 MiB beside 277 MiB of 4-bit weights for `builtin:large`)."""
+def _sharded_bf16_checkpoint(directory: Path) -> set[str]:
+    """`builtin:tiny` stored in bf16 (as users' shards are) in several files; their resolved paths."""
     import torch
 
-    _from_fp32_file(torch.bfloat16).save_pretrained(tmp_path / "bf16", max_shard_size="300KB")
-    shards = sorted(str(p.resolve()) for p in (tmp_path / "bf16").glob("*.safetensors"))
+    _from_fp32_file(torch.bfloat16).save_pretrained(directory, max_shard_size="300KB")
+    shards = {str(p.resolve()) for p in directory.glob("*.safetensors")}
     assert len(shards) > 1
-    model = _load(str(tmp_path / "bf16"), "bf16", "4bit")
-    assert not _mapped_checkpoints() & set(shards)
-    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    return shards
+
+
+def _resident_bytes(paths: set[str]) -> int:
+    from rlhf_cli.engine.memory import file_mappings
+
+    return sum(m.resident for m in file_mappings(".safetensors") if m.path in paths)
+
+
+def _pages_in_memory(tensor) -> tuple[int, int]:
+    """(pages of the tensor's bytes this process has in memory, pages it spans), from the
+    present bit of /proc/self/pagemap."""
+    import mmap
+    import struct
+
+    first = tensor.data_ptr() // mmap.PAGESIZE
+    last = (tensor.data_ptr() + tensor.numel() * tensor.element_size() - 1) // mmap.PAGESIZE
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = struct.unpack(f"{last - first + 1}Q", pagemap.read((last - first + 1) * 8))
+    return sum(entry >> 63 for entry in entries), last - first + 1
+
+
+def _wide_vocabulary_bf16_checkpoint(directory: Path) -> set[str]:
+    """A one-layer LLaMA with a 32000 x 256 embedding (16 MiB: 4000 pages), stored in bf16 in
+    several files; their resolved paths."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory, max_shard_size="8MB")
+    shards = {str(p.resolve()) for p in directory.glob("*.safetensors")}
+    assert len(shards) > 1
+    return shards
+
+
+@needs_bnb
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps and pagemap")
+def test_a_quantized_base_holds_no_page_the_quantizer_read(tmp_path):
+    """The weights left unquantized stay views of the checkpoint, as a bf16 base's do, but none
+    of the pages the quantizer read stays resident (they were 713 MiB beside 277 MiB of 4-bit
+    weights for `builtin:large`); the embedding's rows come back as tokens look them up, not
+    the whole table (which copying it out would write, and hold)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cli.models.quantization import quantized_load_kwargs
+
+    directory = tmp_path / "bf16"
+    shards = _wide_vocabulary_bf16_checkpoint(directory)
+    model = _load(str(directory), "bf16", "4bit")
+    assert _resident_bytes(shards) == 0
+    embedding = model.model.embed_tokens.weight
+    assert embedding.dtype == torch.bfloat16
+    present, spanned = _pages_in_memory(embedding)
+    assert present == 0 and spanned >= 4000
+    with torch.no_grad():
+        model(torch.tensor([[1, 16000, 31000]]))
+    # Three rows, each with what the kernel maps about a fault (16 pages by default, a whole
+    # page-cache folio, up to 2 MiB, where the file system has large folios: 128 pages here).
+    assert 3 <= _pages_in_memory(embedding)[0] <= spanned // 2
+    assert _resident_bytes(shards) > 0
+    plain = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.bfloat16,
+                                                 **quantized_load_kwargs("4bit", torch.bfloat16))
+    _assert_same_state(model, plain)
+    del model
+
+
+@needs_bnb
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_a_written_checkpoint_mapping_is_copied_out_not_dropped(tmp_path):
+    """Dropping the pages of a private mapping that was written would bring back the file's
+    bytes: a weight changed in place after loading keeps its change, in memory of its own."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cli.engine.memory import file_mappings
+    from rlhf_cli.models.quantization import after_quantized_load, quantized_load_kwargs
+
+    shards = _sharded_bf16_checkpoint(tmp_path / "bf16")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.bfloat16,
+                                                 **quantized_load_kwargs("4bit", torch.bfloat16))
+    norm = model.model.norm.weight
+    assert any(m.holds(norm.data_ptr()) for m in file_mappings(".safetensors") if m.path in shards)
+    with torch.no_grad():
+        norm[0] = 7.0  # copy-on-write: the mapping no longer equals its file
+    after_quantized_load(model)
+    assert norm[0].item() == 7.0
+    assert not any(m.holds(norm.data_ptr()) for m in file_mappings(".safetensors"))
     del model
 
 

@@ -73,35 +73,47 @@ def _device_map() -> dict:
 
 
 def after_quantized_load(model) -> None:
-    """Settle a freshly loaded quantized base: detach it from its checkpoint files, hand the
-    loader's freed heap back, and turn off bitsandbytes' CPU inference repacking."""
+    """Settle a freshly loaded quantized base: let go of the checkpoint pages the quantizer read,
+    hand the loader's freed heap back, and turn off bitsandbytes' CPU inference repacking."""
     if quantization_of(model) is None:
         return
-    _own_unquantized_tensors(model)
+    _map_unquantized_tensors_lazily(model)
     from ..engine.memory import release_freed_memory
 
     release_freed_memory()
     _no_cpu_inference_repacking(model)
 
 
-def _own_unquantized_tensors(model) -> None:
-    """Copy the weights bitsandbytes left unquantized (embeddings, head, norms) out of the
-    checkpoint's memory map.
+def _map_unquantized_tensors_lazily(model) -> None:
+    """Hold the weights bitsandbytes left unquantized (embeddings, head, norms) the way a bf16
+    base holds all of its weights: as views of the checkpoint's memory map, paged in as they
+    are used; and take out of memory every page the quantizer read.
 
     Loaded from a checkpoint stored in the run's dtype, those tensors are views of the mapped
     safetensors files, and one of them keeps its whole file mapped: every page the quantizer
-    read stays resident, so a 4-bit `builtin:large` held its bf16 file (713 MiB) besides its
-    own 277 MiB. Parameters are deduplicated by `parameters()`, so tied weights stay tied.
+    read stayed resident, so a 4-bit `builtin:large` held its bf16 file (713 MiB) besides its
+    own 277 MiB. Copying them out instead writes, and so holds, all of the input embedding,
+    whose rows no token looks up a bf16 base never reads in (62.5 MiB of `builtin:large`, a
+    GiB of a 152k-entry vocabulary at 3584 wide). Dropping a mapping's pages is only sound
+    while it equals its file: every other tensor (of a mapping something wrote to, or of
+    memory that is no safetensors mapping) is copied out, as all of them were before.
+    Parameters are deduplicated by `parameters()`, so tied weights stay tied.
     """
     import gc
 
     import bitsandbytes as bnb
 
+    from ..engine.memory import drop_resident_pages, file_mappings
+
     quantized = (bnb.nn.Params4bit, bnb.nn.Int8Params)
+    unwritten = [mapping for mapping in file_mappings(".safetensors") if not mapping.written]
     for param in model.parameters():
-        if not isinstance(param, quantized):
-            param.data = param.data.clone()
+        if not isinstance(param, quantized) and not any(m.holds(param.data_ptr()) for m in unwritten):
+            param.data = param.data.clone()  # its own memory: it may view a mapping we cannot drop
     gc.collect()  # the last views of the mapped files may sit in reference cycles
+    for mapping in file_mappings(".safetensors"):
+        if not mapping.written:
+            drop_resident_pages(mapping)
 
 
 def _no_cpu_inference_repacking(model) -> None:
