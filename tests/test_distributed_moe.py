@@ -129,8 +129,11 @@ def test_zero3_ppo_1base_2lora_with_ptx_on_moe_matches_one_process(rlhf_home, tm
 
 def test_the_backend_gathers_expert_lora_with_its_wrapper(monkeypatch):
     """Under ZeRO-3, before initialize: DeepSpeed's default leaf modules off (a JSON's own
-    leaf_module kept); after: every weight under each outermost wrapper (the expert weights and
-    every adapter's lora_A/B) registered with it. Nothing changes on a dense model or ZeRO-2."""
+    leaf_module kept) and its notice that the empty list matched nothing hidden; after: every
+    weight under each outermost wrapper (the expert weights and every adapter's lora_A/B)
+    registered with it. Nothing changes on a dense model or ZeRO-2."""
+    import logging
+
     import deepspeed
     from families import build_family
 
@@ -154,6 +157,8 @@ def test_the_backend_gathers_expert_lora_with_its_wrapper(monkeypatch):
 
     moe = add_lora(build_family("mixtral"), LoraSection(r=4, dropout=0.0))
     assert prepare(moe, 3)["leaf_module"] == {"classes": []}
+    notice = "ZeRO leaf module configuration did not match any modules; hooks will be applied as usual"
+    assert not logging.getLogger("DeepSpeed").filter(logging.makeLogRecord({"msg": notice}))  # asked for
     experts = [layer.mlp.experts for layer in moe.get_base_model().model.layers]
     assert {id(m) for m in experts} == set(registered)  # the outer wrapper of each layer
     for outer in experts:

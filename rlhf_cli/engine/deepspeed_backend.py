@@ -182,7 +182,7 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         # LoRA on MoE experts under ZeRO-3: the wrappers gather what they read (models/zero3.py)
-        wrappers = parameter_wrappers(model) if self.stage == 3 else []
+        wrappers = parameter_wrappers(model) if zero_stage(self.config) == 3 else []
         if wrappers:
             without_default_leaf_modules(self.config)
         if "optimizer" in self.config:

@@ -83,6 +83,24 @@ def parameter_wrappers(model) -> list:
 def without_default_leaf_modules(config: dict) -> None:
     """Turn DeepSpeed's default leaf modules off, unless the JSON sets its own leaf_module."""
     config.setdefault("zero_optimization", {}).setdefault("leaf_module", {"classes": []})
+    _hide_no_leaf_notice()
+
+
+_NO_LEAF_NOTICE = "ZeRO leaf module configuration did not match any modules"
+
+
+def _drop_no_leaf_notice(record) -> bool:
+    return not record.getMessage().startswith(_NO_LEAF_NOTICE)
+
+
+def _hide_no_leaf_notice() -> None:
+    """DeepSpeed warns on every rank that an empty leaf_module list matched no module: that is
+    what was asked for, not something for the user to act on."""
+    import logging
+
+    logger = logging.getLogger("DeepSpeed")
+    if _drop_no_leaf_notice not in logger.filters:
+        logger.addFilter(_drop_no_leaf_notice)
 
 
 def gather_with_wrapper(wrappers) -> None:
