@@ -127,6 +127,44 @@ def test_ppo_one_base_arrangements_train_the_experts(family, in_process, tmp_pat
         assert len(lora_b) == 4 and all(v.abs().max() > 0 for v in lora_b), arrangement
 
 
+def assert_final_loads_with_the_experts_lora(final, base_dir: str) -> None:
+    """final/ loads with peft against the base it names (README, "final/"): every expert's LoRA
+    is the saved one and the policy's logits differ from the base's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    saved = expert_lora(final)
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == base_dir
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final).eval()
+    loaded = {n: p for n, p in model.named_parameters() if ".experts." in n and "lora_" in n}
+    assert len(loaded) == len(saved) == 8  # lora_A and lora_B of 2 layers x 2 expert weights
+    for name, tensor in saved.items():
+        match = [p for n, p in loaded.items() if n.replace(".default", "") == name]
+        assert len(match) == 1 and torch.equal(match[0].detach(), tensor), name
+    ids = torch.randint(4, 200, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adapted = model(ids).logits
+        with model.disable_adapter():
+            plain = model(ids).logits
+    assert (adapted - plain).abs().max() > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", MOE)
+def test_ppo_two_base_and_separate_train_the_experts(family, in_process, tmp_path):
+    """PPO on a MoE base in the arrangements with a second model: 2base-2lora (the RM's base,
+    critic and frozen RM adapters on its experts) and separate (actor, critic from the RM
+    adapter, frozen reference and the RM as a sequence classifier). The policy's expert LoRA
+    trains and final/ loads with peft against the base."""
+    base_dir = str(save_family(family, tmp_path / "base"))
+    run_rm(in_process, base_dir, tmp_path)
+    for arrangement in ("2base-2lora", "separate"):
+        run_ppo(in_process, base_dir, arrangement, tmp_path)
+        final = tmp_path / arrangement / "final"
+        lora_b = [v for k, v in expert_lora(final).items() if "lora_B" in k]
+        assert len(lora_b) == 4 and all(v.abs().max() > 0 for v in lora_b), arrangement
+        assert_final_loads_with_the_experts_lora(final, base_dir)
+
 
 def test_dense_layers_named_like_old_experts_are_reported(capfd):
     """A Qwen3-MoE whose first layer is a dense MLP (`mlp_only_layers`): peft's transformers-4

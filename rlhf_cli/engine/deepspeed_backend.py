@@ -21,6 +21,7 @@ import torch
 
 from ..config import micro_batching
 from ..errors import UserError
+from ..models.zero3 import gather_with_wrapper, parameter_wrappers, without_default_leaf_modules
 from ..preflight import read_deepspeed_json
 from ..schema import Recipe, TrainSection
 from .backend import Backend, local_rank
@@ -180,6 +181,10 @@ class DeepSpeedBackend(Backend):
     def prepare(self, model, optimizer):
         import deepspeed
 
+        # LoRA on MoE experts under ZeRO-3: the wrappers gather what they read (models/zero3.py)
+        wrappers = parameter_wrappers(model) if zero_stage(self.config) == 3 else []
+        if wrappers:
+            without_default_leaf_modules(self.config)
         if "optimizer" in self.config:
             # DeepSpeed builds the optimizer from the config; keep the loop's param
             # groups: their weight decay (none on biases and norms) and their own learning
@@ -194,6 +199,7 @@ class DeepSpeedBackend(Backend):
         else:
             self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=self.config)
+        gather_with_wrapper(wrappers)
         # The schedule sets the learning rate on the basic optimizer's param groups, which
         # the ZeRO wrapper reads at every step (the client optimizer when we passed one).
         self.optimizer = self.engine.basic_optimizer

@@ -50,3 +50,64 @@ def weights_gathered_once(model):
         finally:
             for param in params:
                 param.ds_active_sub_modules.discard(_GENERATION_USE)
+
+
+# LoRA on stacked MoE expert weights (peft's ParamWrapper, lora_targets.py) under ZeRO-3.
+#
+# The wrapper reads its lora_A/lora_B weights and the expert weight it adapts as tensors
+# (folding the update into the weight through a parametrization), never by calling the
+# modules that own them, so ZeRO-3's per-module hooks never gather them: they stay empty
+# partitions ("cannot reshape tensor of 0 elements"). DeepSpeed's default leaf modules
+# (zero_optimization.leaf_module: Mixtral's and Qwen2/3-MoE's sparse MoE blocks) happen to
+# cover that by gathering a whole block at once, but a leaf block reduces the gradients of
+# all its weights each time its backward runs: a block run twice in one forward/backward
+# (1base-2lora's critic beside the actor under ZeRO-3, PPO's ptx batch beside the rollouts)
+# puts each weight in DeepSpeed's reduce bucket twice (its assertion
+# `len(set(p.ds_id for p in params_in_bucket)) == len(params_in_bucket)` fails). Instead the
+# wrapper gathers the weights it reads (its external parameters, in DeepSpeed's terms), and
+# each gradient is reduced once per backward by its own hook, however often it was used.
+
+
+def parameter_wrappers(model) -> list:
+    """peft's LoRA wrappers of expert parameters that no other wrapper holds (two adapted
+    weights of one module nest: the outer wrapper's forward runs the inner one's)."""
+    try:
+        from peft.tuners.lora.layer import ParamWrapper
+    except ImportError:  # a peft without LoRA on parameters has none
+        return []
+    wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
+    inner = {id(m) for w in wrappers for m in w.base_layer.modules()}
+    return [w for w in wrappers if id(w) not in inner]
+
+
+def without_default_leaf_modules(config: dict) -> None:
+    """Turn DeepSpeed's default leaf modules off, unless the JSON sets its own leaf_module."""
+    config.setdefault("zero_optimization", {}).setdefault("leaf_module", {"classes": []})
+    _hide_no_leaf_notice()
+
+
+_NO_LEAF_NOTICE = "ZeRO leaf module configuration did not match any modules"
+
+
+def _drop_no_leaf_notice(record) -> bool:
+    return not record.getMessage().startswith(_NO_LEAF_NOTICE)
+
+
+def _hide_no_leaf_notice() -> None:
+    """DeepSpeed warns on every rank that an empty leaf_module list matched no module: that is
+    what was asked for, not something for the user to act on."""
+    import logging
+
+    logger = logging.getLogger("DeepSpeed")
+    if _drop_no_leaf_notice not in logger.filters:
+        logger.addFilter(_drop_no_leaf_notice)
+
+
+def gather_with_wrapper(wrappers) -> None:
+    """Every weight under each wrapper is gathered for the wrapper's forward and backward
+    (after `deepspeed.initialize`, which makes them ZeRO-3 parameters)."""
+    import deepspeed
+
+    for wrapper in wrappers:
+        for param in wrapper.parameters():
+            deepspeed.zero.register_external_parameter(wrapper, param)
