@@ -139,6 +139,35 @@ def test_8bit_base_runs_on_the_cpu_and_trains_only_the_lora(rlhf_home):
     assert len(b_grads) == 4 * 7 and all(g.abs().sum() > 0 for g in b_grads)
 
 
+@needs_bnb
+def test_a_4bit_models_whole_state_loads_back_only_over_the_same_base(rlhf_home):
+    """What resuming a DeepSpeed checkpoint (the whole module's state) does on a 4-bit base."""
+    import torch
+
+    from rlhf_cli.models.quantization import load_state_over_quantized_base, quantization_state_keys
+
+    model, ids = _tiny("4bit").eval(), _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    extra = quantization_state_keys(model)
+    assert len([key for key in extra if key.endswith(".weight.absmax")]) == 4 * 7  # every block linear
+    assert not quantization_state_keys(_tiny())
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*weight\.absmax"):
+        model.load_state_dict(state)  # torch's strict load, which DeepSpeed's resume used
+    saved_norm = state["model.norm.weight"]
+    state["model.norm.weight"] = saved_norm + 1.0
+    load_state_over_quantized_base(model, state)
+    assert torch.equal(model.model.norm.weight, state["model.norm.weight"])  # the rest is loaded
+    state["model.norm.weight"] = saved_norm
+    load_state_over_quantized_base(model, state)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)
+    state[sorted(extra)[0]] = state[sorted(extra)[0]] + 1  # as if trained on another base
+    with pytest.raises(ValueError, match="quantized base differs from this run's"):
+        load_state_over_quantized_base(model, state)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

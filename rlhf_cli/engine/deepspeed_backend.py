@@ -248,9 +248,18 @@ class DeepSpeedBackend(Backend):
         # Collective: each rank writes its own optimizer (and ZeRO-3 weight) partition.
         self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
 
+    def _module_loader(self):
+        """How the checkpoint's module state is loaded: DeepSpeed's strict `load_state_dict`
+        (None), or over a quantized base, whose bitsandbytes state that refuses."""
+        from ..models.quantization import load_state_over_quantized_base, quantization_state_keys
+
+        if not quantization_state_keys(self.engine.module):
+            return None
+        return lambda src, dst: load_state_over_quantized_base(dst, src)
+
     def load_state(self, directory: Path) -> None:
         # The loop restores its LambdaLR itself (scheduler.pt); DeepSpeed has none.
-        path, _ = self.engine.load_checkpoint(str(directory), tag=TAG,
-                                              load_lr_scheduler_states=False)
+        path, _ = self.engine.load_checkpoint(str(directory), tag=TAG, load_lr_scheduler_states=False,
+                                              custom_load_fn=self._module_loader())
         if path is None:
             raise UserError(f"cannot load the DeepSpeed checkpoint in {directory}")

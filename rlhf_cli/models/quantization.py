@@ -167,6 +167,41 @@ def recorded_load_kwargs(directory: Path) -> dict:
     return {} if quantization is None else {"quantization_config": quantization, **_device_map()}
 
 
+def quantization_state_keys(module) -> set[str]:
+    """The entries of `module.state_dict()` that are no parameter and no buffer: the state
+    bitsandbytes keeps beside its packed weights (4-bit: `weight.absmax`, `weight.quant_map`,
+    `weight.nested_*`, `weight.quant_state.*`; 8-bit: `SCB`, `weight_format`). Empty for a
+    model without quantized layers."""
+    held = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    held |= {name for name, _ in module.named_buffers(remove_duplicate=False)}
+    return set(module.state_dict(keep_vars=True)) - held
+
+
+def load_state_over_quantized_base(module, state: dict) -> None:
+    """Load a whole-model state dict (DeepSpeed's checkpoint of `module`) into `module`, whose
+    quantized base was rebuilt from `model.base` as the run resumed.
+
+    bitsandbytes writes its quantization state into a state dict but takes the 4-bit one back
+    only through `from_pretrained`, so torch's strict `load_state_dict` refuses a quantized
+    model's own state dict ("Unexpected key(s) in state_dict: ...weight.absmax"). That state
+    describes the frozen base, which the resumed run quantized again: it must equal the saved
+    one (else the checkpoint was trained on another base), and everything else loads strictly.
+    """
+    extra = quantization_state_keys(module)
+    live = module.state_dict()
+    differing = sorted(key for key in extra if key not in state or not _same_tensor(state[key], live[key]))
+    if differing:
+        raise ValueError(f"its quantized base differs from this run's ({len(differing)} bitsandbytes "
+                         f"state entries, first {differing[0]})")
+    module.load_state_dict({key: value for key, value in state.items() if key not in extra}, strict=True)
+
+
+def _same_tensor(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+
+
 def dequantized(model, dtype: torch.dtype):
     """The same model with plain `nn.Linear` layers holding the dequantized weights, all in
     `dtype`, and no quantization config (transformers removes it): what `merge_and_unload`
