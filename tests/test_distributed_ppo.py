@@ -39,6 +39,7 @@ from distributed_helpers import probe_env, write_probe, zero3_every_weight_shard
 
 REPO = Path(__file__).resolve().parent.parent
 ITERATIONS = 3
+ADAM_STEP = 2e-4  # the tiny PPO recipes' lr: what one Adam step moves a weight by, at most
 GLOBAL_ROLLOUT = 8
 REL_TOL, ABS_TOL = 1e-4, 1e-6
 COMPARED = ("score", "kl", "loss", "policy_loss", "value_loss", "entropy", "response_length",
@@ -229,9 +230,17 @@ def assert_same_final(run: Path, reference: Path) -> None:
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
         got, want = load_file(str(run / "final" / name)), load_file(str(reference / "final" / name))
         assert got.keys() == want.keys() and got, name
+        differences = []
         for key, tensor in want.items():
             assert got[key].shape == tensor.shape and got[key].numel() > 0, key
-            assert (got[key] - tensor).abs().max().item() < 1e-5, key
+            differences.append((got[key] - tensor).abs().flatten())
+        difference = torch.cat(differences)
+        # Adam turns a rounding-level difference in a near-zero gradient (another summation
+        # order over the ranks, another CPU's kernels) into a fraction of a step (lr 2e-4) for
+        # that one weight: 1 of 296k adapter weights was 1.6e-5 off on an AVX2-only CPU, with a
+        # mean difference of 1.3e-9. A sharding or averaging error moves many weights by ~lr.
+        assert difference.max().item() < ADAM_STEP / 4, name
+        assert difference.mean().item() < 1e-8, name
     base = json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(run / "final")).eval()
     ids = AutoTokenizer.from_pretrained(str(run / "final"))("sort dcba =", return_tensors="pt")["input_ids"]
