@@ -316,3 +316,24 @@ def test_memory_is_flat_over_a_thousand_steps(rlhf_home, tmp_path):
     rss = {r["step"]: r["rss_mb"] for r in train_rows(tmp_path / "run")}
     assert sorted(rss) == list(range(100, 1001, 100))
     assert rss[1000] - rss[100] < 50, rss
+
+
+def test_a_state_dict_mismatch_names_its_first_key(tmp_path):
+    """torch's load_state_dict error starts with "Error(s) in loading state_dict for X:" alone: the
+    line must go on to the first missing or unexpected key."""
+    import torch
+
+    from rlhf_cli.engine.checkpoint import load_checkpoint
+    from rlhf_cli.errors import UserError
+
+    class Backend:
+        rank = 0
+
+        def load_state(self, directory):
+            torch.nn.Linear(2, 2).load_state_dict({"weight": torch.zeros(2, 2), "bias": torch.zeros(2),
+                                                   "weight.absmax": torch.zeros(1)})
+
+    with pytest.raises(UserError) as raised:
+        load_checkpoint(Backend(), tmp_path, scheduler=None)
+    assert 'Error(s) in loading state_dict for Linear: Unexpected key(s) in state_dict: "weight.absmax"' \
+        in str(raised.value)

@@ -245,7 +245,15 @@ def load_checkpoint(backend, directory: Path, scheduler, parts: dict | None = No
     except UserError:
         raise
     except Exception as exc:  # torch, safetensors and DeepSpeed raise many unrelated types
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot load checkpoint {directory}: {first_line}; it does not match "
+        raise UserError(f"cannot load checkpoint {directory}: {_what_failed(exc)}; it does not match "
                         "this recipe or is damaged (move it away to resume from an older one)"
                         ) from exc
+
+
+def _what_failed(exc: Exception, limit: int = 300) -> str:
+    """The first line of the error, and the line after it where the first only announces a list
+    (torch's "Error(s) in loading state_dict for X:" says nothing until its first key)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    said = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return said if len(said) <= limit else said[: limit - 3] + "..."
+
