@@ -144,16 +144,21 @@ def work(rlhf_home, tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("distributed_ppo")
 
 
-@pytest.fixture(scope="module")
-def sft_base(work) -> Path:
-    """A 30-step SFT model, merged: it answers, and its answers end at different lengths."""
-    run = rlhf("sft", "recipes/tiny-sft.yaml", work / "sft", "train.max_steps=30", "train.warmup_steps=5",
+def merged_sft_model(out: Path) -> Path:
+    """A 30-step SFT run in `out`, merged into `out`-merged: it answers, and its answers end at
+    different lengths, so each rank's share of the tokens matters."""
+    run = rlhf("sft", "recipes/tiny-sft.yaml", out, "train.max_steps=30", "train.warmup_steps=5",
                "train.eval_every=null", "train.save_every=null", "train.eval_reward_fn=null")
-    merged = work / "sft-merged"
+    merged = out.with_name(f"{out.name}-merged")
     argv = [sys.executable, "-m", "rlhf_cli.cli", "merge-lora", str(run), "--out", str(merged)]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return merged
+
+
+@pytest.fixture(scope="module")
+def sft_base(work) -> Path:
+    return merged_sft_model(work / "sft")
 
 
 @pytest.fixture(scope="module")

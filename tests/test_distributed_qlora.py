@@ -12,6 +12,7 @@ anything launches (test_qlora.py): it would partition the packed 4-bit weights.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -30,7 +31,14 @@ from test_distributed import (
     train_losses,
     world_size,
 )
-from test_distributed_ppo import GLOBAL_ROLLOUT, SETTINGS, assert_same_final, assert_same_metrics, rlhf
+from test_distributed_ppo import (
+    GLOBAL_ROLLOUT,
+    SETTINGS,
+    assert_same_final,
+    assert_same_metrics,
+    merged_sft_model,
+    rlhf,
+)
 
 from rlhf_cli.models.quantization import QUANTIZATION_FILE, bitsandbytes_installed
 
@@ -74,12 +82,10 @@ def work(rlhf_home, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sft_runs(work):
     """run(launch) -> an SFT run directory on the 4-bit base, the same global batch each time."""
-    done: dict[str, Path] = {}
 
+    @functools.cache
     def run(launch: str) -> Path:
-        if launch not in done:
-            done[launch] = rlhf("sft", "recipes/tiny-sft.yaml", work / f"sft-{launch}", *sft_settings(launch))
-        return done[launch]
+        return rlhf("sft", "recipes/tiny-sft.yaml", work / f"sft-{launch}", *sft_settings(launch))
 
     return run
 
@@ -117,30 +123,21 @@ def test_4bit_zero2_resume_continues_the_same_run(sft_runs, work):
 
 @pytest.fixture(scope="module")
 def sft_base(work) -> Path:
-    """A 30-step SFT model (unquantized), merged: PPO then quantizes it to 4 bits as it loads.
-    Its answers end at different lengths, so each rank's share of the tokens matters."""
-    run = rlhf("sft", "recipes/tiny-sft.yaml", work / "sft-30", "train.max_steps=30", "train.warmup_steps=5",
-               "train.eval_every=null", "train.save_every=null", "train.eval_reward_fn=null")
-    merged = work / "sft-30-merged"
-    argv = [sys.executable, "-m", "rlhf_cli.cli", "merge-lora", str(run), "--out", str(merged)]
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return merged
+    """The merged SFT model (unquantized): PPO then quantizes it to 4 bits as it loads."""
+    return merged_sft_model(work / "sft-30")
 
 
 @pytest.fixture(scope="module")
 def ppo_runs(work, sft_base):
     """run(launch) -> a PPO 1base-1lora run on the 4-bit base: policy, reference (adapter off)
     and critic body are the one quantized copy in each process."""
-    done: dict[str, Path] = {}
 
+    @functools.cache
     def run(launch: str) -> Path:
-        if launch not in done:
-            per_process = GLOBAL_ROLLOUT // LAUNCHES[launch][0]
-            done[launch] = rlhf("ppo", "recipes/tiny-ppo-1base-1lora.yaml", work / f"ppo-{launch}", *SETTINGS,
-                                FOUR_BIT, f"model.base={sft_base}", f"ppo.rollout_batch_size={per_process}",
-                                f"ppo.mini_batch_size={per_process}", *launch_settings(launch))
-        return done[launch]
+        per_process = GLOBAL_ROLLOUT // LAUNCHES[launch][0]
+        return rlhf("ppo", "recipes/tiny-ppo-1base-1lora.yaml", work / f"ppo-{launch}", *SETTINGS, FOUR_BIT,
+                    f"model.base={sft_base}", f"ppo.rollout_batch_size={per_process}",
+                    f"ppo.mini_batch_size={per_process}", *launch_settings(launch))
 
     return run
 

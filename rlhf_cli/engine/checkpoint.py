@@ -256,4 +256,3 @@ def _what_failed(exc: Exception, limit: int = 300) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
     said = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
     return said if len(said) <= limit else said[: limit - 3] + "..."
-
