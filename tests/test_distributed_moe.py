@@ -9,7 +9,11 @@ test_distributed.py and test_distributed_ppo.py.
   that failed in ZeRO-3's gradient reduction (an assertion on a weight in the reduce bucket
   twice); models/zero3.py explains the fix. The same metrics and final/ as one process.
 
-A fast test checks what the DeepSpeed backend does with the wrappers around initialize.
+- A DeepSpeed JSON that sets its own leaf_module (the MoE blocks) where PPO runs a block twice
+  in one backward (1base-2lora, ptx): one `error:` line at model setup, not DeepSpeed's assertion.
+
+Fast tests check what the DeepSpeed backend does with the wrappers around initialize, and which
+recipes run a block twice.
 """
 
 from __future__ import annotations
@@ -45,12 +49,16 @@ PPO_COMPARED = ("score", "kl", "loss", "policy_loss", "value_loss", "ptx_loss", 
                 "grad_norm")
 
 
-def rlhf(work: Path, stage: str, recipe: str, out: str, settings: list[str]) -> Path:
+def launch(work: Path, stage: str, recipe: str, out: str, settings: list[str]) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "rlhf_cli.cli", stage, "--recipe", str(REPO / "recipes" / recipe),
             "-o", out]
     for setting in settings:
         argv += ["--set", setting]
-    done = subprocess.run(argv, cwd=work, env=cli_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(argv, cwd=work, env=cli_env(), capture_output=True, text=True, timeout=300)
+
+
+def rlhf(work: Path, stage: str, recipe: str, out: str, settings: list[str]) -> Path:
+    done = launch(work, stage, recipe, out, settings)
     assert done.returncode == 0, done.stderr[-4000:]
     return work / out
 
@@ -127,9 +135,51 @@ def test_zero3_ppo_1base_2lora_with_ptx_on_moe_matches_one_process(rlhf_home, tm
     assert_same_weights(zero3, single, "value_head.safetensors")
 
 
+MIXTRAL_BLOCK = "transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock"
+
+
+def with_own_leaf_module(config: Path, classes: list[str]) -> Path:
+    """A copy of the DeepSpeed JSON `config` that sets zero_optimization.leaf_module itself."""
+    values = json.loads(config.read_text())
+    values["zero_optimization"]["leaf_module"] = {"classes": classes}
+    path = config.with_name(f"leaf-{config.name}")
+    path.write_text(json.dumps(values))
+    return path
+
+
+# A leaf module reduces its weights' gradients each time its backward runs: where one backward
+# runs an MoE block twice, the old code failed deep in DeepSpeed (exit 1, a traceback ending in
+# `assert len(set(p.ds_id for p in params_in_bucket)) == len(params_in_bucket)`). Measured on
+# tiny Mixtral, 2 processes: 1base-1lora without ptx, SFT and DPO ran with that leaf_module.
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize(("recipe", "twice"), [
+    ("tiny-ppo-1base-2lora.yaml", "ppo.arrangement 1base-2lora"),
+    ("tiny-ppo-1base-1lora.yaml", "ppo.ptx_coef"),
+])
+def test_a_json_leaf_module_that_a_run_passes_twice_is_an_error(recipe, twice, rlhf_home, tmp_path):
+    base = save_family("mixtral", tmp_path / "base")
+    config = with_own_leaf_module(zero3_every_weight_sharded(tmp_path), [MIXTRAL_BLOCK])
+    settings = [*PPO_SETTINGS, f"model.base={base}", "ppo.reward_fn=rlhf_cli.builtin.tasks:sort_reward",
+                "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.ptx_batch_size=2",
+                "launch.num_processes=2", f"launch.deepspeed={config}"]
+    if twice != "ppo.ptx_coef":
+        settings.append("ppo.ptx_coef=0")
+    done = launch(tmp_path, "ppo", recipe, "run", settings)
+    assert done.returncode == 2, done.stderr[-4000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr[-4000:]
+    assert errors[0].startswith(f"error: launch.deepspeed: zero_optimization.leaf_module in {config} makes "
+                                "MixtralSparseMoeBlock ZeRO-3 leaf modules")
+    assert twice in errors[0] and "Remove leaf_module" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_backend_gathers_expert_lora_with_its_wrapper(monkeypatch):
     """Under ZeRO-3, before initialize: DeepSpeed's default leaf modules off (a JSON's own
-    leaf_module kept) and its notice that the empty list matched nothing hidden; after: every
+    leaf_module kept, or an error where it holds trainable weights that the run passes twice)
+    and its notice that the empty list matched nothing hidden; after: every
     weight under each outermost wrapper (the expert weights and every adapter's lora_A/B)
     registered with it. Nothing changes on a dense model or ZeRO-2."""
     import logging
@@ -138,6 +188,7 @@ def test_the_backend_gathers_expert_lora_with_its_wrapper(monkeypatch):
     from families import build_family
 
     from rlhf_cli.engine.deepspeed_backend import DeepSpeedBackend
+    from rlhf_cli.errors import UserError
     from rlhf_cli.models.loading import add_lora
     from rlhf_cli.schema import LoraSection
 
@@ -149,9 +200,10 @@ def test_the_backend_gathers_expert_lora_with_its_wrapper(monkeypatch):
     monkeypatch.setattr(deepspeed.zero, "register_external_parameter",
                         lambda module, param: registered.setdefault(id(module), set()).add(id(param)))
 
-    def prepare(model, stage: int, zero: dict | None = None) -> dict:
+    def prepare(model, stage: int, zero: dict | None = None, twice: str | None = None) -> dict:
         backend = object.__new__(DeepSpeedBackend)
         backend.stage, backend.config = stage, {"zero_optimization": {"stage": stage, **(zero or {})}}
+        backend.config_path, backend.twice = "ds.json", twice
         backend.prepare(model, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]))
         return backend.config["zero_optimization"]
 
@@ -165,9 +217,37 @@ def test_the_backend_gathers_expert_lora_with_its_wrapper(monkeypatch):
         assert registered[id(outer)] == {id(p) for p in outer.parameters()}
         assert len(registered[id(outer)]) == 2 + 2 * 2  # gate_up_proj, down_proj, their lora_A/B
     registered.clear()
-    own = {"classes": ["transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock"]}
+    own = {"classes": [MIXTRAL_BLOCK]}
     assert prepare(moe, 3, {"leaf_module": own})["leaf_module"] == own
     registered.clear()
+    for leaf_module in (own, {"classes": "MixtralSparseMoeBlock"}, {"name_suffixes": ["mlp"]},
+                        {"names": ["base_model.model.model.layers.1.mlp"]}):
+        with pytest.raises(UserError, match=r"^launch.deepspeed: zero_optimization.leaf_module in "
+                                            r"ds.json makes MixtralSparseMoeBlock ZeRO-3 leaf modules"
+                                            r".*, and twice: "):
+            prepare(moe, 3, {"leaf_module": leaf_module}, twice="twice")
+    assert not registered
+    # Leaves without trainable weights reduce nothing: the routers, a class the model lacks.
+    for leaf_module in ({"name_suffixes": ["mlp.gate"]}, {"classes": ["Qwen3MoeSparseMoeBlock"]}):
+        assert prepare(moe, 3, {"leaf_module": leaf_module}, twice="twice")["leaf_module"] == leaf_module
+        registered.clear()
     assert "leaf_module" not in prepare(moe, 2) and not registered
     dense = add_lora(build_family("llama"), LoraSection(r=4, dropout=0.0))
     assert "leaf_module" not in prepare(dense, 3) and not registered
+
+
+def test_only_ppo_with_the_critic_beside_the_actor_or_ptx_passes_a_block_twice():
+    """What a JSON leaf_module is refused for; measured on tiny Mixtral with expert LoRA and the MoE
+    block as leaf, 2 processes: SFT, DPO, PPO 1base-1lora and 2base-2lora ran, the others failed."""
+    from rlhf_cli.config import load_recipe
+    from rlhf_cli.models.zero3 import passes_twice_per_backward
+
+    def twice(recipe: str, *settings: str) -> str | None:
+        return passes_twice_per_backward(load_recipe(REPO / "recipes" / recipe, list(settings)))
+
+    for recipe in ("tiny-sft.yaml", "tiny-dpo.yaml", "tiny-ppo-1base-1lora.yaml",
+                   "tiny-ppo-2base-2lora.yaml"):
+        assert twice(recipe) is None, recipe
+    assert twice("tiny-ppo-1base-2lora.yaml").startswith("ppo.arrangement 1base-2lora runs the critic")
+    assert twice("tiny-ppo-1base-1lora.yaml", "ppo.ptx_coef=0.1", "ppo.ptx_data=builtin:sort").startswith(
+        "ppo.ptx_coef runs the SFT batch")

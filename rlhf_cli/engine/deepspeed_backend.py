@@ -21,7 +21,13 @@ import torch
 
 from ..config import micro_batching
 from ..errors import UserError
-from ..models.zero3 import gather_with_wrapper, parameter_wrappers, without_default_leaf_modules
+from ..models.zero3 import (
+    check_leaf_modules,
+    gather_with_wrapper,
+    parameter_wrappers,
+    passes_twice_per_backward,
+    without_default_leaf_modules,
+)
 from ..preflight import read_deepspeed_json
 from ..schema import Recipe, TrainSection
 from .backend import Backend, local_rank
@@ -165,6 +171,7 @@ class DeepSpeedBackend(Backend):
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.device = torch.device(name if name == "cpu" else f"{name}:{local_rank()}")
         self.config = deepspeed_config(recipe, self.world_size, on_cpu=name == "cpu")
+        self.config_path, self.twice = recipe.launch.deepspeed, passes_twice_per_backward(recipe)
         self.stage = zero_stage(self.config)
         # ZeRO-3 copies a weight's gradient partition at the first backward of a step and adds
         # to it after: a weight first reached by a later pass (the critic's, after the
@@ -184,6 +191,7 @@ class DeepSpeedBackend(Backend):
         # LoRA on MoE experts under ZeRO-3: the wrappers gather what they read (models/zero3.py)
         wrappers = parameter_wrappers(model) if zero_stage(self.config) == 3 else []
         if wrappers:
+            check_leaf_modules(model, self.config, self.config_path, self.twice)
             without_default_leaf_modules(self.config)
         if "optimizer" in self.config:
             # DeepSpeed builds the optimizer from the config; keep the loop's param

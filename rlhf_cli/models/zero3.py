@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 
+from ..errors import UserError
+
 # Marks the gathered weights as in use for the whole generation (ZeRO-3 releases only weights
 # that no running module uses); a string never equals a module's integer ds_id.
 _GENERATION_USE = "rlhf-generation"
@@ -66,6 +68,10 @@ def weights_gathered_once(model):
 # `len(set(p.ds_id for p in params_in_bucket)) == len(params_in_bucket)` fails). Instead the
 # wrapper gathers the weights it reads (its external parameters, in DeepSpeed's terms), and
 # each gradient is reduced once per backward by its own hook, however often it was used.
+# A JSON that sets its own leaf_module is kept as it is, except where its leaves hold trainable
+# weights and the run passes them twice in one backward: that is an `error:` line (checked
+# with the model, before initialize; the recipe and JSON alone cannot tell whether a leaf class
+# is in the model and holds LoRA weights).
 
 
 def parameter_wrappers(model) -> list:
@@ -78,6 +84,57 @@ def parameter_wrappers(model) -> list:
     wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
     inner = {id(m) for w in wrappers for m in w.base_layer.modules()}
     return [w for w in wrappers if id(w) not in inner]
+
+
+def passes_twice_per_backward(recipe) -> str | None:
+    """Why one backward of this run goes through the policy's blocks twice under ZeRO-3 (the
+    recipe key and what runs twice), or None. Under ZeRO-3 1base-2lora's critic pass is not
+    apart from the actor's (engine/deepspeed_backend.py, `passes_apart`)."""
+    if recipe.stage != "ppo":
+        return None  # the other stages run one forward a micro-batch (chosen and rejected together)
+    if recipe.ppo.arrangement == "1base-2lora":
+        return "ppo.arrangement 1base-2lora runs the critic's adapter on the actor's base beside the actor"
+    if recipe.ppo.ptx_coef > 0:
+        return "ppo.ptx_coef runs the SFT batch through the actor beside the rollouts"
+    return None
+
+
+def _entries(leaf_module: dict, key: str) -> list[str]:
+    value = leaf_module.get(key) or []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _is_leaf(name: str, module, leaf_module: dict) -> bool:
+    """DeepSpeed's own matching (deepspeed/utils/z3_leaf_module.py): the class name or its
+    dotted path, the module's name in the model, or a suffix of that name."""
+    cls = type(module)
+    return (cls.__name__ in _entries(leaf_module, "classes")
+            or f"{cls.__module__}.{cls.__qualname__}" in _entries(leaf_module, "classes")
+            or name in _entries(leaf_module, "names")
+            or any(name.endswith(s) for s in _entries(leaf_module, "name_suffixes")))
+
+
+def trainable_leaf_classes(model, config: dict) -> list[str]:
+    """Classes of the modules that the JSON's own `zero_optimization.leaf_module` makes ZeRO-3
+    leaves and that hold trainable weights (a leaf reduces those at each run of its backward)."""
+    leaf_module = config.get("zero_optimization", {}).get("leaf_module")
+    if not isinstance(leaf_module, dict):
+        return []
+    found = [type(m).__name__ for name, m in model.named_modules()
+             if _is_leaf(name, m, leaf_module) and any(p.requires_grad for p in m.parameters())]
+    return sorted(set(found))
+
+
+def check_leaf_modules(model, config: dict, path, twice: str | None) -> None:
+    """A leaf module with trainable weights that one backward runs twice puts each weight in
+    DeepSpeed's reduce bucket twice, which fails deep inside DeepSpeed: say so before it starts."""
+    classes = trainable_leaf_classes(model, config) if twice else []
+    if classes:
+        raise UserError(f"zero_optimization.leaf_module in {path} makes {', '.join(classes)} ZeRO-3 leaf "
+                        f"modules, which hold trainable weights, and {twice}: DeepSpeed would reduce "
+                        "their gradients twice in one backward and fail. Remove leaf_module: rlhf "
+                        "gathers the LoRA'd MoE expert weights with their wrappers itself",
+                        where="launch.deepspeed")
 
 
 def without_default_leaf_modules(config: dict) -> None:
