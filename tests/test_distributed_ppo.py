@@ -28,6 +28,7 @@ Each launch costs ~10-25 s on a 2-core machine, so every run serves several chec
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -178,11 +179,9 @@ def zero3_sharded(work) -> Path:
 @pytest.fixture(scope="module")
 def ppo_runs(work, sft_base, reward_model, zero3_sharded):
     """run(arrangement, launch) -> the run directory, launched once per module."""
-    done: dict[tuple[str, str], Path] = {}
 
+    @functools.cache
     def run(arrangement: str, launch: str) -> Path:
-        if (arrangement, launch) in done:
-            return done[arrangement, launch]
         out = work / f"{arrangement}-{launch}"
         settings = [*SETTINGS, f"model.base={sft_base}"]
         if arrangement == "1base-2lora":
@@ -200,8 +199,7 @@ def ppo_runs(work, sft_base, reward_model, zero3_sharded):
             settings.append(f"launch.deepspeed={zero3_sharded}")
             env = probe_env(work / "probe", out / "probe", os.environ.get("PYTHONPATH", ""))
         recipe = f"recipes/tiny-ppo-{arrangement}.yaml"
-        done[arrangement, launch] = rlhf("ppo", recipe, out, *settings, env=env)
-        return done[arrangement, launch]
+        return rlhf("ppo", recipe, out, *settings, env=env)
 
     return run
 
@@ -301,24 +299,22 @@ OPTION_COMPARED = ("score", "kl", "loss", "policy_loss", "ptx_loss", "entropy", 
 
 @pytest.fixture(scope="module")
 def option_runs(work, sft_base, zero3_sharded):
-    done: dict[str, Path] = {}
+    """run(launch) -> the critic-free run with OPTIONS, launched once per module."""
 
+    @functools.cache
     def run(launch: str) -> Path:
-        if launch not in done:
-            processes = 1 if launch == "single" else 2
-            per_process = GLOBAL_ROLLOUT // processes
-            settings = [*SETTINGS, *OPTIONS, f"model.base={sft_base}",
-                        f"ppo.rollout_batch_size={per_process}", f"ppo.mini_batch_size={per_process}",
-                        f"ppo.ptx_batch_size={4 // processes}"]
-            if processes == 2:
-                settings.append("launch.num_processes=2")
-            if launch.startswith(("zero2", "zero3")):
-                settings.append(f"launch.deepspeed={ZERO2 if launch.startswith('zero2') else zero3_sharded}")
-            if launch.endswith("-micro"):  # the process's minibatch of 4 in 4 forward/backwards
-                settings.append("ppo.micro_batch_size=1")
-            done[launch] = rlhf("ppo", "recipes/tiny-ppo-1base-1lora.yaml", work / f"options-{launch}",
-                                *settings)
-        return done[launch]
+        processes = 1 if launch == "single" else 2
+        per_process = GLOBAL_ROLLOUT // processes
+        settings = [*SETTINGS, *OPTIONS, f"model.base={sft_base}",
+                    f"ppo.rollout_batch_size={per_process}", f"ppo.mini_batch_size={per_process}",
+                    f"ppo.ptx_batch_size={4 // processes}"]
+        if processes == 2:
+            settings.append("launch.num_processes=2")
+        if launch.startswith(("zero2", "zero3")):
+            settings.append(f"launch.deepspeed={ZERO2 if launch.startswith('zero2') else zero3_sharded}")
+        if launch.endswith("-micro"):  # the process's minibatch of 4 in 4 forward/backwards
+            settings.append("ppo.micro_batch_size=1")
+        return rlhf("ppo", "recipes/tiny-ppo-1base-1lora.yaml", work / f"options-{launch}", *settings)
 
     return run
 
