@@ -241,8 +241,11 @@ def assert_same_final(run: Path, reference: Path) -> None:
         # Adam turns a rounding-level difference in a near-zero gradient (another summation
         # order over the ranks, another CPU's kernels) into a fraction of a step (lr 2e-4) for
         # that one weight: 1 of 296k adapter weights was 1.6e-5 off on an AVX2-only CPU, with a
-        # mean difference of 1.3e-9. A sharding or averaging error moves many weights by ~lr.
-        assert difference.max().item() < ADAM_STEP / 4, name
+        # mean difference of 1.3e-9; on a 4-bit base (AMD EPYC) one was 1.1e-4 off, mean 2.2e-9,
+        # and one process taking its batch in two micro-batches (a new summation order, nothing
+        # distributed) moved that same weight by 5.6e-5. A sharding or averaging error moves
+        # many weights by ~lr: the mean catches it (one 64x32 LoRA matrix off by lr: 1.4e-6).
+        assert difference.max().item() < ADAM_STEP, name
         assert difference.mean().item() < 1e-8, name
     base = json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(run / "final")).eval()
