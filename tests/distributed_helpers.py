@@ -1,6 +1,7 @@
 """Helpers for the tests that launch the real CLI on several CPU processes: the ZeRO-3 preset
-with every weight sharded, and probes (a sitecustomize on PYTHONPATH) that patch named modules
-right after they are imported, in every launched process."""
+with every weight sharded (and a copy with its own leaf modules), and probes (a sitecustomize
+on PYTHONPATH) that patch named modules right after they are imported, in every launched
+process."""
 
 from __future__ import annotations
 
@@ -62,4 +63,13 @@ def zero3_every_weight_sharded(directory: Path) -> Path:
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     path = directory / "zero3-sharded.json"
     path.write_text(json.dumps(config))
+    return path
+
+
+def with_own_leaf_module(config: Path, classes: list[str]) -> Path:
+    """A copy of the DeepSpeed JSON `config` that sets zero_optimization.leaf_module itself."""
+    values = json.loads(config.read_text())
+    values["zero_optimization"]["leaf_module"] = {"classes": classes}
+    path = config.with_name(f"leaf-{config.name}")
+    path.write_text(json.dumps(values))
     return path

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from distributed_helpers import zero3_every_weight_sharded
+from distributed_helpers import with_own_leaf_module, zero3_every_weight_sharded
 
 from rlhf_cli.errors import UserError
 
@@ -156,6 +156,20 @@ def test_zero3_lora_with_generation_eval(runs, single, preset):
     scored = [r for r in rows if r.get("split") == "eval"]
     assert [r["step"] for r in scored] == [0, STEPS]
     assert all(0.0 <= r["score"] <= 1.0 for r in scored)
+
+
+@two_ranks
+def test_zero3_with_decoder_layers_as_leaf_modules_matches_one_process(runs, single):
+    """A JSON whose leaf_module makes leaves of the LoRA'd decoder layers: the first one's input
+    (the frozen embedding's output) requires no grad, where DeepSpeed reduced its gradients
+    before its backward ("The size of tensor a (0) must match the size of tensor b (32)",
+    exit 1); models/zero3.py `leaf_inputs_require_grad`."""
+    out = runs / "zero3-leaf-layers"
+    config = with_own_leaf_module(zero3_every_weight_sharded(runs), ["LlamaDecoderLayer"])
+    rlhf(out, *two_processes(f"launch.deepspeed={config}"))
+    assert world_size(out) == 2
+    assert_same_losses(out, single)
+    assert_same_adapter(out, single)
 
 
 @two_ranks

@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..models.zero3 import (
     check_leaf_modules,
     gather_with_wrapper,
+    leaf_inputs_require_grad,
     parameter_wrappers,
     passes_twice_per_backward,
     without_default_leaf_modules,
@@ -188,10 +189,13 @@ class DeepSpeedBackend(Backend):
     def prepare(self, model, optimizer):
         import deepspeed
 
-        # LoRA on MoE experts under ZeRO-3: the wrappers gather what they read (models/zero3.py)
-        wrappers = parameter_wrappers(model) if zero_stage(self.config) == 3 else []
-        if wrappers:
+        stage3 = zero_stage(self.config) == 3
+        if stage3:  # a JSON's own leaf_module (models/zero3.py)
             check_leaf_modules(model, self.config, self.config_path, self.twice)
+            leaf_inputs_require_grad(model, self.config)
+        # LoRA on MoE experts under ZeRO-3: the wrappers gather what they read (models/zero3.py)
+        wrappers = parameter_wrappers(model) if stage3 else []
+        if wrappers:
             without_default_leaf_modules(self.config)
         if "optimizer" in self.config:
             # DeepSpeed builds the optimizer from the config; keep the loop's param

@@ -71,7 +71,9 @@ def weights_gathered_once(model):
 # A JSON that sets its own leaf_module is kept as it is, except where its leaves hold trainable
 # weights and the run passes them twice in one backward: that is an `error:` line (checked
 # with the model, before initialize; the recipe and JSON alone cannot tell whether a leaf class
-# is in the model and holds LoRA weights).
+# is in the model and holds LoRA weights). That holds on dense models too (a LLaMA's decoder
+# layers as leaves), and there a leaf also needs an input that requires grad: see
+# `leaf_inputs_require_grad`.
 
 
 def parameter_wrappers(model) -> list:
@@ -132,9 +134,37 @@ def check_leaf_modules(model, config: dict, path, twice: str | None) -> None:
     if classes:
         raise UserError(f"zero_optimization.leaf_module in {path} makes {', '.join(classes)} ZeRO-3 leaf "
                         f"modules, which hold trainable weights, and {twice}: DeepSpeed would reduce "
-                        "their gradients twice in one backward and fail. Remove leaf_module: rlhf "
-                        "gathers the LoRA'd MoE expert weights with their wrappers itself",
+                        "their gradients twice in one backward and fail. Remove leaf_module (ZeRO-3 "
+                        "gathers each module's weights without it, and rlhf the LoRA'd MoE expert "
+                        "weights with their wrappers), or list only modules without trainable weights",
                         where="launch.deepspeed")
+
+
+def leaf_inputs_require_grad(model, config: dict) -> None:
+    """Make the outputs of the frozen embeddings require grad where the JSON's leaf modules hold
+    trainable weights (LoRA in a LLaMA decoder layer made a leaf).
+
+    DeepSpeed reduces a leaf's gradients in the leaf's full backward hook, which PyTorch runs
+    once the gradients of the leaf's inputs are computed, but before the leaf's backward where
+    no input requires grad: the first decoder layer's input is the output of the frozen
+    embedding. There DeepSpeed reduced zero gradients for the leaf's LoRA weights and released
+    them, and autograd's own gradients then met the empty partitions ("The size of tensor a (0)
+    must match the size of tensor b (32)"; measured: a leaf on layers.1 alone ran, on layers.0
+    failed). The extra backward is the first layer's input gradient, computed and dropped."""
+    if not trainable_leaf_classes(model, config):
+        return
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and not module.weight.requires_grad:
+            module.register_forward_hook(_output_requires_grad)
+
+
+def _output_requires_grad(module, inputs, output):
+    import torch
+
+    if torch.is_grad_enabled():  # not in generation or the no-grad passes (reference, rollouts)
+        output.requires_grad_(True)
 
 
 def without_default_leaf_modules(config: dict) -> None:
