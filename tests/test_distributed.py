@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from distributed_helpers import with_own_leaf_module, zero3_every_weight_sharded
 
 from rlhf_cli.errors import UserError
@@ -197,6 +198,21 @@ def test_zero3_full_fine_tuning_saves_a_whole_model(runs):
 
 
 @two_ranks
+def test_a_first_zero3_run_on_a_fresh_cache_builds_the_builtin_model_whole(tmp_path, monkeypatch):
+    """One process is enough: under ZeRO-3 transformers built the built-in model inside
+    zero.Init, so the fresh cache got empty weights (3480 bytes) behind its marker and the run
+    failed loading them ("copying a param with shape torch.Size([0])"), as did every later run."""
+    from safetensors.torch import load_file
+
+    from rlhf_cli.builtin.model import build_model
+
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path / "home"))
+    rlhf(tmp_path / "run", f"launch.deepspeed={ZERO3}", "train.max_steps=1")
+    cached = load_file(str(tmp_path / "home" / "builtin" / "tiny-v1" / "model.safetensors"))
+    fresh = build_model("tiny").state_dict()
+    assert cached.keys() == fresh.keys() and all(torch.equal(v, fresh[k]) for k, v in cached.items())
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_user_error_in_workers_is_one_line_and_status_2(runs, tmp_path, launcher):
     bad = tmp_path / "bad.jsonl"

@@ -8,6 +8,9 @@ are simply unused; decoding ignores them if a model ever samples one.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -106,13 +109,34 @@ def build_model(size: str) -> LlamaForCausalLM:
     reseed CUDA generators that fork_rng(devices=[]) does not restore): init runs on CPU.
     """
     config = build_config(size)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _whole_not_zero3_partitioned():
         torch.random.default_generator.manual_seed(SEED)
         with torch.device("cpu"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         _widen_lm_head(model)
     model.generation_config = build_generation_config()
     return model
+
+
+@contextlib.contextmanager
+def _whole_not_zero3_partitioned():
+    """Build outside ZeRO-3's view. While a stage-3 `HfDeepSpeedConfig` is alive (the DeepSpeed
+    backend keeps one so that bases load already partitioned), transformers builds every model
+    under `deepspeed.zero.Init`: each weight is then an empty partition, and the first ZeRO-3
+    run on a fresh cache saved those (a 3480-byte model.safetensors marked complete, which
+    every later run, one process or several, failed to load)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter for the object itself
+    held = ref() if ref is not None else None
+    if held is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(held)
 
 
 def _widen_lm_head(model: LlamaForCausalLM) -> None:
@@ -143,7 +167,20 @@ def default_root() -> Path:
 
 
 def _is_complete(path: Path) -> bool:
-    return (path / MARKER).is_file()
+    return (path / MARKER).is_file() and _no_empty_weight(path / SAFETENSORS_NAME)
+
+
+def _no_empty_weight(weights: Path) -> bool:
+    """No tensor in the file is empty. A cache that an earlier version wrote under ZeRO-3 holds
+    empty partitions (`_whole_not_zero3_partitioned`) behind its marker: rebuilt, not loaded.
+    Reads the safetensors header only (8-byte length, then JSON)."""
+    try:
+        with weights.open("rb") as file:
+            header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+    except (OSError, ValueError):
+        return False
+    shapes = [entry["shape"] for key, entry in header.items() if key != "__metadata__"]
+    return bool(shapes) and all(math.prod(shape) > 0 for shape in shapes)
 
 
 def _write(size: str, path: Path) -> None:
