@@ -8,7 +8,6 @@ are simply unused; decoding ignores them if a model ever samples one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -22,6 +21,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Ll
 
 from rlhf_cli.builtin.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer
 from rlhf_cli.errors import UserError
+from rlhf_cli.models.zero3 import outside_zero3_init
 
 PREFIX = "builtin:"
 VERSION = "v1"  # bump when sizes, init or tokenizer change, so stale caches are not reused
@@ -109,34 +109,13 @@ def build_model(size: str) -> LlamaForCausalLM:
     reseed CUDA generators that fork_rng(devices=[]) does not restore): init runs on CPU.
     """
     config = build_config(size)
-    with torch.random.fork_rng(devices=[]), _whole_not_zero3_partitioned():
+    with torch.random.fork_rng(devices=[]), outside_zero3_init():
         torch.random.default_generator.manual_seed(SEED)
         with torch.device("cpu"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         _widen_lm_head(model)
     model.generation_config = build_generation_config()
     return model
-
-
-@contextlib.contextmanager
-def _whole_not_zero3_partitioned():
-    """Build outside ZeRO-3's view. While a stage-3 `HfDeepSpeedConfig` is alive (the DeepSpeed
-    backend keeps one so that bases load already partitioned), transformers builds every model
-    under `deepspeed.zero.Init`: each weight is then an empty partition, and the first ZeRO-3
-    run on a fresh cache saved those (a 3480-byte model.safetensors marked complete, which
-    every later run, one process or several, failed to load)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter for the object itself
-    held = ref() if ref is not None else None
-    if held is None:
-        yield
-        return
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed.set_hf_deepspeed_config(held)
 
 
 def _widen_lm_head(model: LlamaForCausalLM) -> None:
@@ -172,7 +151,7 @@ def _is_complete(path: Path) -> bool:
 
 def _no_empty_weight(weights: Path) -> bool:
     """No tensor in the file is empty. A cache that an earlier version wrote under ZeRO-3 holds
-    empty partitions (`_whole_not_zero3_partitioned`) behind its marker: rebuilt, not loaded.
+    empty partitions (`models/zero3.py: outside_zero3_init`) behind its marker: rebuilt, not loaded.
     Reads the safetensors header only (8-byte length, then JSON)."""
     try:
         with weights.open("rb") as file:

@@ -54,6 +54,29 @@ def weights_gathered_once(model):
                 param.ds_active_sub_modules.discard(_GENERATION_USE)
 
 
+@contextlib.contextmanager
+def outside_zero3_init():
+    """Build models whole, outside ZeRO-3's view (the built-in model's cache).
+
+    While a stage-3 `HfDeepSpeedConfig` is alive (the DeepSpeed backend keeps one so that bases
+    load already partitioned), transformers builds every model under `deepspeed.zero.Init`:
+    each weight is then an empty partition, and the first ZeRO-3 run on a fresh cache saved
+    those (a 3480-byte model.safetensors marked complete, which every later run, one process
+    or several, failed to load)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter for the object itself
+    held = ref() if ref is not None else None
+    if held is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(held)
+
+
 # LoRA on stacked MoE expert weights (peft's ParamWrapper, lora_targets.py) under ZeRO-3.
 #
 # The wrapper reads its lora_A/lora_B weights and the expert weight it adapts as tensors
