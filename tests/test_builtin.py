@@ -193,18 +193,16 @@ def test_materialize_replaces_incomplete_dir(tmp_path):
 def test_materialize_rebuilds_a_cache_of_empty_weights_behind_its_marker(tmp_path):
     """What the first ZeRO-3 run on a fresh cache used to publish: every weight an empty
     partition, marker written. Loading it failed in every later run; it is rebuilt."""
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
+    fresh = build_model("tiny").state_dict()
     poisoned = tmp_path / "tiny-v1"
     poisoned.mkdir()
-    names = build_model("tiny").state_dict()
-    save_file({k: torch.empty(0) for k in names}, str(poisoned / "model.safetensors"))
+    save_file({k: torch.empty(0) for k in fresh}, str(poisoned / "model.safetensors"))
     (poisoned / MARKER).write_text("builtin:tiny v1\n")
     path = materialize("tiny", tmp_path)
-    from safetensors.torch import load_file
-
     assert path == poisoned and (path / MARKER).is_file()
-    loaded, fresh = load_file(str(path / "model.safetensors")), build_model("tiny").state_dict()
+    loaded = load_file(str(path / "model.safetensors"))
     assert loaded.keys() == fresh.keys() and all(torch.equal(v, fresh[k]) for k, v in loaded.items())
 
 

@@ -197,7 +197,6 @@ def test_zero3_full_fine_tuning_saves_a_whole_model(runs):
     assert all(p.numel() > 0 for p in model.parameters())
 
 
-@two_ranks
 def test_a_first_zero3_run_on_a_fresh_cache_builds_the_builtin_model_whole(tmp_path, monkeypatch):
     """One process is enough: under ZeRO-3 transformers built the built-in model inside
     zero.Init, so the fresh cache got empty weights (3480 bytes) behind its marker and the run
@@ -213,6 +212,7 @@ def test_a_first_zero3_run_on_a_fresh_cache_builds_the_builtin_model_whole(tmp_p
     assert cached.keys() == fresh.keys() and all(torch.equal(v, fresh[k]) for k, v in cached.items())
 
 
+@two_ranks
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_user_error_in_workers_is_one_line_and_status_2(runs, tmp_path, launcher):
     bad = tmp_path / "bad.jsonl"
