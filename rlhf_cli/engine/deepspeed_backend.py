@@ -27,6 +27,7 @@ from ..models.zero3 import (
     leaf_inputs_require_grad,
     parameter_wrappers,
     passes_twice_per_backward,
+    trainable_leaf_classes,
     without_default_leaf_modules,
 )
 from ..preflight import read_deepspeed_json
@@ -190,9 +191,10 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         stage3 = zero_stage(self.config) == 3
-        if stage3:  # a JSON's own leaf_module (models/zero3.py)
-            check_leaf_modules(model, self.config, self.config_path, self.twice)
-            leaf_inputs_require_grad(model, self.config)
+        if stage3 and (leaves := trainable_leaf_classes(model, self.config)):
+            # a JSON's own leaf_module holding LoRA weights (models/zero3.py)
+            check_leaf_modules(leaves, self.config_path, self.twice)
+            leaf_inputs_require_grad(model)
         # LoRA on MoE experts under ZeRO-3: the wrappers gather what they read (models/zero3.py)
         wrappers = parameter_wrappers(model) if stage3 else []
         if wrappers:

@@ -129,14 +129,18 @@ def _entries(leaf_module: dict, key: str) -> list[str]:
     return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
-def _is_leaf(name: str, module, leaf_module: dict) -> bool:
+def _leaf_matcher(leaf_module: dict):
     """DeepSpeed's own matching (deepspeed/utils/z3_leaf_module.py): the class name or its
     dotted path, the module's name in the model, or a suffix of that name."""
-    cls = type(module)
-    return (cls.__name__ in _entries(leaf_module, "classes")
-            or f"{cls.__module__}.{cls.__qualname__}" in _entries(leaf_module, "classes")
-            or name in _entries(leaf_module, "names")
-            or any(name.endswith(s) for s in _entries(leaf_module, "name_suffixes")))
+    classes, names = set(_entries(leaf_module, "classes")), set(_entries(leaf_module, "names"))
+    suffixes = tuple(_entries(leaf_module, "name_suffixes"))
+
+    def is_leaf(name: str, module) -> bool:
+        cls = type(module)
+        return (cls.__name__ in classes or f"{cls.__module__}.{cls.__qualname__}" in classes
+                or name in names or name.endswith(suffixes))
+
+    return is_leaf
 
 
 def trainable_leaf_classes(model, config: dict) -> list[str]:
@@ -145,16 +149,17 @@ def trainable_leaf_classes(model, config: dict) -> list[str]:
     leaf_module = config.get("zero_optimization", {}).get("leaf_module")
     if not isinstance(leaf_module, dict):
         return []
+    is_leaf = _leaf_matcher(leaf_module)
     found = [type(m).__name__ for name, m in model.named_modules()
-             if _is_leaf(name, m, leaf_module) and any(p.requires_grad for p in m.parameters())]
+             if is_leaf(name, m) and any(p.requires_grad for p in m.parameters())]
     return sorted(set(found))
 
 
-def check_leaf_modules(model, config: dict, path, twice: str | None) -> None:
-    """A leaf module with trainable weights that one backward runs twice puts each weight in
-    DeepSpeed's reduce bucket twice, which fails deep inside DeepSpeed: say so before it starts."""
-    classes = trainable_leaf_classes(model, config) if twice else []
-    if classes:
+def check_leaf_modules(classes: list[str], path, twice: str | None) -> None:
+    """A leaf module with trainable weights (`classes`, from `trainable_leaf_classes`) that one
+    backward runs twice puts each weight in DeepSpeed's reduce bucket twice, which fails deep
+    inside DeepSpeed: say so before it starts."""
+    if classes and twice:
         raise UserError(f"zero_optimization.leaf_module in {path} makes {', '.join(classes)} ZeRO-3 leaf "
                         f"modules, which hold trainable weights, and {twice}: DeepSpeed would reduce "
                         "their gradients twice in one backward and fail. Remove leaf_module (ZeRO-3 "
@@ -163,9 +168,9 @@ def check_leaf_modules(model, config: dict, path, twice: str | None) -> None:
                         where="launch.deepspeed")
 
 
-def leaf_inputs_require_grad(model, config: dict) -> None:
-    """Make the outputs of the frozen embeddings require grad where the JSON's leaf modules hold
-    trainable weights (LoRA in a LLaMA decoder layer made a leaf).
+def leaf_inputs_require_grad(model) -> None:
+    """Make the outputs of the frozen embeddings require grad, for a model whose JSON's leaf
+    modules hold trainable weights (LoRA in a LLaMA decoder layer made a leaf).
 
     DeepSpeed reduces a leaf's gradients in the leaf's full backward hook, which PyTorch runs
     once the gradients of the leaf's inputs are computed, but before the leaf's backward where
@@ -174,8 +179,6 @@ def leaf_inputs_require_grad(model, config: dict) -> None:
     them, and autograd's own gradients then met the empty partitions ("The size of tensor a (0)
     must match the size of tensor b (32)"; measured: a leaf on layers.1 alone ran, on layers.0
     failed). The extra backward is the first layer's input gradient, computed and dropped."""
-    if not trainable_leaf_classes(model, config):
-        return
     import torch
 
     for module in model.modules():
